@@ -1,0 +1,39 @@
+"""geoseg's errors: one root, each leaf also subclasses the matching builtin, messages say the fix."""
+
+from __future__ import annotations
+
+
+class GeosegError(Exception):
+    """Root of every error geoseg raises on purpose."""
+
+
+class SceneError(GeosegError, ValueError):
+    """A scene cannot be used as given (no CRS, bands that do not fit the model, ...)."""
+
+
+class SceneReadError(GeosegError, OSError):
+    """A scene file is missing, unreadable or truncated."""
+
+
+class RegionError(GeosegError, ValueError):
+    """The region is malformed or intersects no scene."""
+
+
+class CheckpointError(GeosegError, ValueError):
+    """A file is not a geoseg checkpoint, or its model card is incomplete."""
+
+
+class PlanMismatchError(GeosegError, FileExistsError):
+    """RUN_DIR already holds a run made from a different plan."""
+
+
+class RunDirError(GeosegError, FileNotFoundError):
+    """RUN_DIR does not hold a geoseg run."""
+
+
+class ConfigError(GeosegError, ValueError):
+    """A setting has a value geoseg cannot use."""
+
+
+class TileError(GeosegError, RuntimeError):
+    """One tile failed in one stage; recorded in the ledger, never fatal to the run."""
