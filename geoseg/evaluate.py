@@ -1,0 +1,115 @@
+"""Accuracy of a class map against reference labels: confusion matrix, per-class IoU, mean IoU, overall accuracy.
+
+The metrics are pure array functions; `evaluate_rasters` is the I/O edge that puts a reference raster onto
+the class map's grid first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geoseg.errors import SceneError, SceneReadError
+
+
+def confusion_matrix(pred: np.ndarray, ref: np.ndarray, ignore: int | None = 0, size: int = 256) -> np.ndarray:
+    """Counts[ref id, predicted id] over pixels whose reference is not `ignore` (nor negative / >= size)."""
+    if pred.shape != ref.shape:
+        raise SceneError(f"prediction {pred.shape} and reference {ref.shape} differ in shape: put them on one grid first")
+    p, r = pred.astype(np.int64).ravel(), ref.astype(np.int64).ravel()
+    keep = (r >= 0) & (r < size) & (p >= 0) & (p < size)
+    if ignore is not None:
+        keep &= r != ignore
+    return np.bincount(r[keep] * size + p[keep], minlength=size * size).reshape(size, size)
+
+
+def iou_per_class(cm: np.ndarray) -> np.ndarray:
+    """TP / (TP + FP + FN) per id; NaN where an id is neither in the reference nor predicted."""
+    tp = np.diag(cm).astype(np.float64)
+    union = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+
+
+def summarise(cm: np.ndarray, ignore: int | None = 0, names: dict[int, str] | None = None) -> dict[str, Any]:
+    """JSON-able metrics; mean IoU is over the classes present in the reference, so absent classes neither help nor hurt."""
+    iou = iou_per_class(cm)
+    in_ref = cm.sum(1) > 0
+    ids = [i for i in range(len(cm)) if in_ref[i] or cm[:, i].sum() > 0]
+    present = [i for i in ids if in_ref[i]]
+    total = int(cm.sum())
+    return {
+        "class_ids": ids,
+        "names": {str(i): (names or {}).get(i, "nodata" if i == 0 else f"class {i}") for i in ids},
+        "confusion": cm[np.ix_(ids, ids)].tolist(),
+        "iou": {str(i): (None if np.isnan(iou[i]) else float(iou[i])) for i in ids},
+        "present": present,
+        "miou": float(np.mean(iou[present])) if present else float("nan"),
+        "overall_accuracy": float(np.trace(cm) / total) if total else float("nan"),
+        "pixels": total,
+        "ignore": ignore,
+    }
+
+
+def evaluate_arrays(pred: np.ndarray, ref: np.ndarray, ignore: int | None = 0, names: dict[int, str] | None = None) -> dict[str, Any]:
+    """Metrics of a class map against a reference already on the same grid."""
+    return summarise(confusion_matrix(pred, ref, ignore), ignore, names)
+
+
+def evaluate_rasters(classes_tif: str | Path, reference_tif: str | Path, ignore: int | None = 0, names: dict[int, str] | None = None) -> dict[str, Any]:
+    """Compare a run's classes.tif with a reference label raster.
+
+    When the grids differ the reference is reprojected onto the class map's grid with nearest neighbour
+    (labels are categories, never averaged); pixels the reference does not cover are left out.
+    """
+    import rasterio
+    from rasterio.errors import RasterioIOError
+    from rasterio.warp import Resampling, reproject
+
+    try:
+        with rasterio.open(classes_tif) as cls, rasterio.open(reference_tif) as rf:
+            pred = cls.read(1)
+            same = cls.crs == rf.crs and cls.transform == rf.transform and cls.shape == rf.shape
+            if same:
+                ref = rf.read(1).astype(np.float64)
+                if rf.nodata is not None:
+                    ref[ref == rf.nodata] = np.nan
+            else:
+                if rf.crs is None or cls.crs is None:
+                    raise SceneError(f"{classes_tif} and {reference_tif} are on different grids and one has no CRS: georeference both")
+                ref = np.full(cls.shape, np.nan)
+                reproject(
+                    rf.read(1).astype(np.float64), ref,
+                    src_transform=rf.transform, src_crs=rf.crs, src_nodata=rf.nodata,
+                    dst_transform=cls.transform, dst_crs=cls.crs, dst_nodata=np.nan,
+                    resampling=Resampling.nearest,
+                )
+    except RasterioIOError as exc:
+        raise SceneReadError(f"cannot read {exc}: pass a run's classes.tif and a label GeoTIFF") from exc
+    valid = np.isfinite(ref)
+    ref_ids = np.where(valid, np.rint(np.nan_to_num(ref)), -1).astype(np.int64)
+    result = evaluate_arrays(pred, ref_ids, ignore, names)
+    result["reprojected"] = not same
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The confusion matrix (rows reference, columns predicted), per-class IoU, mean IoU and OA as text."""
+    ids = result["class_ids"]
+    names = result["names"]
+    width = max(7, *(len(str(i)) + 1 for i in ids))
+    lines = ["confusion (rows: reference, columns: predicted)", " " * 6 + "".join(f"{i:>{width}}" for i in ids)]
+    for i, row in zip(ids, result["confusion"], strict=True):
+        lines.append(f"{i:>5} " + "".join(f"{v:>{width}}" for v in row))
+    lines.append("")
+    lines.append(f"{'id':>5}  {'class':<44} {'IoU':>6}")
+    for i in ids:
+        iou = result["iou"][str(i)]
+        mark = "" if i in result["present"] else "  (not in reference)"
+        lines.append(f"{i:>5}  {names[str(i)][:44]:<44} {'-' if iou is None else f'{iou:.3f}':>6}{mark}")
+    lines.append("")
+    lines.append(f"mean IoU over {len(result['present'])} classes present: {result['miou']:.3f}")
+    lines.append(f"overall accuracy: {result['overall_accuracy']:.3f}  ({result['pixels']} labelled pixels, ignore={result['ignore']})")
+    return "\n".join(lines)

@@ -1,0 +1,376 @@
+"""Training job: a U-Net trained data-parallel on Ray Train from image/label pairs, validated by mean IoU each epoch.
+
+The driver reads the pairs once and puts them in Ray's object store; each worker draws its own chips from
+them. Each epoch every worker reports its metrics; rank 0 reports a checkpoint (weights, optimizer, epoch),
+Ray keeps the best ones by validation mean IoU, and a rerun with `resume = true` continues from the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import tomllib
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from geoseg.datasets import ChipSampler, LabelledImage, augment, band_statistics, block_slices, crop, find_pairs, read_pair
+from geoseg.errors import CheckpointError, ConfigError
+from geoseg.evaluate import confusion_matrix, format_table, summarise
+from geoseg.model.card import ClassInfo, ModelCard
+from geoseg.model.checkpoint import build_model, read_checkpoint, resolve, save_checkpoint
+from geoseg.model.pretrained import load_encoder
+
+NODATA = "invalid pixels are zero-filled after normalisation; the job writes class 0 (nodata) there"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; every field has a default but the data patterns and items.
+
+    Paths inside the data (images, labels, classes_json) are relative to `data_root`, which defaults to
+    $GEOSEG_DATA or ../shared/data; `out` is relative to the working directory.
+    """
+
+    name: str = "model"  # model card name, and the run's name
+    version: str = "1"
+    data_root: str = ""  # "" -> $GEOSEG_DATA or ../shared/data
+    images: str = ""  # glob pattern formatted with {item}, e.g. "scenes/strzegom_{item}_33u.tif"
+    labels: str = ""  # formatted with {item} and {stem} (the image's file stem)
+    classes_json: str = ""  # classes (id, name, color or mask_rgb), bands, scale, gsd_m
+    train: tuple[str, ...] = ()  # items (dates, tiles) to train on
+    validate: tuple[str, ...] = ()  # items to validate on; the hold-out block of them when holdout is set
+    holdout: str = ""  # "" or east/west/north/south: that block is never trained on and is what is validated
+    holdout_fraction: float = 0.25
+    bands: tuple[str, ...] = ()  # () -> classes_json "bands"
+    scale: float = 0.0  # 0 -> classes_json "scale", else 1/255 for uint8 and 1e-4 for uint16
+    gsd_m: float = 0.0  # 0 -> classes_json "gsd_m" (times downsample)
+    downsample: int = 1  # integer reduction of JPEG/PNG images (box filter) and masks (nearest)
+    encoder: str = "resnet18"
+    width: int = 16  # base channel width: 64 is torchvision's ResNet; 16 trains fast on a CPU
+    chip: int = 128
+    batch_size: int = 16  # per worker
+    epochs: int = 10
+    steps_per_epoch: int = 50  # per worker; an epoch is steps_per_epoch * batch_size * num_workers chips
+    lr: float = 2e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
+    weight_decay: float = 1e-4
+    balance: float = 0.5  # 0: natural class frequencies; 1: every class drawn equally often
+    brightness: float = 0.0  # gain augmentation range (+-), for RGB illumination changes
+    pretrained: str = ""  # shipped model name, geoseg checkpoint or torchvision/timm ResNet state dict
+    freeze_encoder_epochs: int = 0  # keep the (pretrained) encoder fixed for this many epochs first
+    tile_size: int = 256  # written into the card for inference
+    halo: int = 32
+    num_workers: int = 1
+    cpus_per_worker: int = 2  # also torch's thread count per worker
+    use_gpu: bool = False
+    out: str = ""  # "" -> runs/<name>; the model is written to <out>/<name>.pt
+    resume: bool = True  # continue from the latest checkpoint of a previous run in <out>
+    seed: int = 0
+    training_data: tuple[str, ...] = ()  # names, sources and licence status of the data, for the card
+
+    def __post_init__(self) -> None:
+        if not self.images or not self.labels or not self.classes_json or not self.train or not self.validate:
+            raise ConfigError("a training config needs images, labels, classes_json, train and validate; see configs/*.toml")
+        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1 or self.num_workers < 1 or self.cpus_per_worker < 1:
+            raise ConfigError("epochs, steps_per_epoch, batch_size, num_workers and cpus_per_worker must be >= 1")
+        if self.chip % 32:
+            raise ConfigError(f"chip must be a multiple of 32 (the encoder's stride), got {self.chip}")
+
+    @property
+    def root(self) -> Path:
+        """The data folder, normalised once."""
+        return Path(self.data_root or os.environ.get("GEOSEG_DATA", "../shared/data")).resolve()
+
+    @property
+    def out_dir(self) -> Path:
+        """Where the run's Ray storage and the final model go."""
+        return Path(self.out or f"runs/{self.name}").resolve()
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a flat TOML file into a TrainConfig; unknown keys are refused with the list of valid ones."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read training config {path}: {exc}") from exc
+    valid = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown keys {unknown} in {path}; valid keys are {sorted(valid)}")
+    values = {k: tuple(str(x) for x in v) if isinstance(v, list) else v for k, v in raw.items()}
+    return TrainConfig(**values)
+
+
+def _classes_from_json(doc: dict[str, Any]) -> tuple[ClassInfo, ...]:
+    out = []
+    for c in doc["classes"]:
+        color = c.get("color") or "#{:02x}{:02x}{:02x}".format(*c["mask_rgb"])
+        out.append(ClassInfo(id=int(c["id"]), name=str(c["name"]), color=color))
+    return tuple(out)
+
+
+def _mask_colours(doc: dict[str, Any]) -> dict[tuple[int, int, int], int]:
+    colours = {tuple(c["mask_rgb"]): int(c["id"]) for c in doc["classes"] if "mask_rgb" in c}
+    colours.update({tuple(rgb): 0 for rgb in doc.get("ignore_rgb", [])})
+    return colours  # type: ignore[return-value]
+
+
+def prepare_data(config: TrainConfig) -> tuple[ModelCard, list[LabelledImage], list[LabelledImage]]:
+    """Read the training and validation pairs and derive the card (normalisation from the training pixels)."""
+    root = config.root
+    try:
+        doc = json.loads((root / config.classes_json).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read classes_json {root / config.classes_json}: {exc}; set data_root or GEOSEG_DATA") from exc
+    colours = _mask_colours(doc)
+
+    def read(items: tuple[str, ...]) -> list[LabelledImage]:
+        return [read_pair(i, lab, colours, config.downsample) for i, lab in find_pairs(root, config.images, config.labels, items)]
+
+    train, val = read(config.train), read(config.validate)
+    if config.holdout:
+        train = [crop(t, block_slices(t.label.shape, config.holdout, config.holdout_fraction)[1], "rest") for t in train]
+        val = [crop(v, block_slices(v.label.shape, config.holdout, config.holdout_fraction)[0], config.holdout) for v in val]
+    dtype = train[0].image.dtype
+    if dtype not in (np.uint8, np.uint16):
+        raise ConfigError(f"training images are {dtype}; geoseg models take uint8 or uint16 raw values")
+    scale = config.scale or float(doc.get("scale", 1 / 255 if dtype == np.uint8 else 1e-4))
+    bands = config.bands or tuple(doc["bands"])
+    if len(bands) != train[0].image.shape[0]:
+        raise ConfigError(f"images have {train[0].image.shape[0]} bands but {len(bands)} band names are given: set bands")
+    mean, std = band_statistics(train, scale)
+    card = ModelCard(
+        name=config.name, version=config.version, architecture=f"unet-{config.encoder}", encoder=config.encoder,
+        width=config.width, bands=bands, input_dtype=str(dtype), scale=scale, mean=mean, std=std,
+        gsd_m=(config.gsd_m or float(doc.get("gsd_m", 1.0))) * config.downsample, tile_size=config.tile_size,
+        halo=config.halo, classes=_classes_from_json(doc), nodata=NODATA,
+        training_data=config.training_data or (str(root / config.classes_json),),
+    )
+    return card, train, val
+
+
+def lr_at(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine decay to 1% of the peak."""
+    warm = max(1, total // 20)
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = min(1.0, (step - warm) / max(1, total - warm))
+    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def masked_loss(logits: torch.Tensor, labels: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over labelled pixels only: `lookup` maps class id -> logits channel, and 0 (ignore) -> -1."""
+    return F.cross_entropy(logits, lookup[labels.long()], ignore_index=-1)
+
+
+def class_lookup(card: ModelCard) -> torch.Tensor:
+    """Class id (0..255) -> logits channel, -1 for ids the model does not predict (0 = unlabelled among them)."""
+    lookup = torch.full((256,), -1, dtype=torch.long)
+    lookup[torch.as_tensor(card.class_ids.astype(np.int64))] = torch.arange(len(card.classes))
+    return lookup
+
+
+@torch.no_grad()
+def predict_ids(model: nn.Module, card: ModelCard, raw: np.ndarray, tile_size: int | None = None, halo: int | None = None) -> np.ndarray:
+    """Class ids (H, W) for a raw image (B, H, W), tiled with the card's tile size and halo as the job does."""
+    tile, halo = tile_size or card.tile_size, card.halo if halo is None else halo
+    model.eval()
+    device = next(model.parameters()).device
+    x = card.normalise(raw)
+    h, w = raw.shape[-2:]
+    out = np.zeros((h, w), np.uint8)
+    ids = card.class_ids
+    for top in range(0, h, tile):
+        for left in range(0, w, tile):
+            r0, c0 = max(top - halo, 0), max(left - halo, 0)
+            r1, c1 = min(top + tile + halo, h), min(left + tile + halo, w)
+            logits = model(torch.from_numpy(np.ascontiguousarray(x[None, :, r0:r1, c0:c1])).to(device))
+            k = logits.argmax(1)[0].cpu().numpy()
+            out[top : top + tile, left : left + tile] = ids[k[top - r0 : top - r0 + tile, left - c0 : left - c0 + tile]]
+    return out
+
+
+def validate(model: nn.Module, card: ModelCard, items: list[LabelledImage]) -> np.ndarray:
+    """Confusion matrix (256 x 256, by class id) of tiled predictions on these labelled images."""
+    cm = np.zeros((256, 256), np.int64)
+    for item in items:
+        cm += confusion_matrix(predict_ids(model, card, item.image), item.label, ignore=0)
+    return cm
+
+
+def _train_loop(cfg: dict[str, Any]) -> None:
+    """One Ray Train worker: draw chips, step, validate its share, report metrics (+ checkpoint on rank 0)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    config = TrainConfig(**cfg["config"])
+    card = ModelCard.from_dict(cfg["card"])
+    train_items: list[LabelledImage] = ray.get(cfg["train"])
+    val_items: list[LabelledImage] = ray.get(cfg["val"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config.cpus_per_worker)
+    torch.manual_seed(config.seed + rank)
+
+    model = build_model(card)
+    encoder_ids = {id(p) for p in model.encoder.parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) in encoder_ids]},
+        {"params": [p for p in model.parameters() if id(p) not in encoder_ids]},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    start_epoch, step, best = 0, 0, -1.0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None or cfg["resume_dir"]:
+        with checkpoint.as_directory() if checkpoint is not None else nullcontext(cfg["resume_dir"]) as d:
+            raw = read_checkpoint(Path(d) / "model.pt")
+        model.load_state_dict(raw["state_dict"])
+        optimizer.load_state_dict(raw["extra"]["optimizer"])
+        start_epoch, step, best = raw["extra"]["epoch"] + 1, raw["extra"]["step"], raw["extra"]["best"]
+    elif config.pretrained:
+        load_encoder(model, resolve(config.pretrained), card.bands)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    core = getattr(model, "module", model)
+    lookup = class_lookup(card).to(device)
+    sampler = ChipSampler(train_items, card.class_ids, config.chip, config.balance)
+    total = config.epochs * config.steps_per_epoch
+
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        frozen = epoch < config.freeze_encoder_epochs
+        rng = np.random.default_rng([config.seed, rank, epoch])
+        model.train()
+        if frozen:
+            core.encoder.eval()  # keep pretrained batch-norm statistics while the encoder is fixed
+        losses = []
+        for i in range(config.steps_per_epoch):
+            lr = lr_at(step, total, config.lr)
+            optimizer.param_groups[0]["lr"] = 0.0 if frozen else lr
+            optimizer.param_groups[1]["lr"] = lr
+            raw_chips, labels = sampler.sample(rng, config.batch_size)
+            chips, labels = augment(raw_chips.astype(np.float32), labels, rng, config.brightness)
+            x = torch.from_numpy(card.normalise(chips)).to(device).contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(labels).to(device)
+            loss = masked_loss(model(x), y, lookup)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+            step += 1
+            if rank == 0 and (i + 1) % max(1, config.steps_per_epoch // 4) == 0:
+                print(f"[{config.name}] epoch {epoch + 1}/{config.epochs} step {i + 1}/{config.steps_per_epoch} loss {np.mean(losses[-10:]):.4f}", flush=True)
+        train_s = time.perf_counter() - t0
+        cm = validate(core, card, val_items[rank::world])
+        if world > 1:
+            t = torch.from_numpy(cm).to(device)
+            torch.distributed.all_reduce(t)
+            cm = t.cpu().numpy()
+        val = summarise(cm, 0)
+        best = max(best, val["miou"])
+        metrics = {
+            "epoch": epoch, "first_epoch": start_epoch, "step": step, "train_loss": float(np.mean(losses)), "train_s": train_s,
+            "val_miou": val["miou"], "val_oa": val["overall_accuracy"], "best_val_miou": best,
+            **{f"val_iou_{k}": v for k, v in val["iou"].items() if v is not None},
+        }
+        if rank == 0:
+            print(
+                f"[{config.name}] epoch {epoch + 1}/{config.epochs} loss {metrics['train_loss']:.4f} "
+                f"val mIoU {val['miou']:.4f} OA {val['overall_accuracy']:.4f} (best {best:.4f}) "
+                f"train {train_s:.0f}s val {time.perf_counter() - t0 - train_s:.0f}s" + (" [encoder frozen]" if frozen else ""),
+                flush=True,
+            )
+            with tempfile.TemporaryDirectory() as d:
+                extra = {"epoch": epoch, "step": step, "best": best, "optimizer": optimizer.state_dict(), "metrics": json.dumps(metrics)}
+                save_checkpoint(Path(d) / "model.pt", card, model, extra)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(model.pt, metrics) of every checkpoint a run has persisted, oldest epoch first."""
+    found = []
+    for pt in run_dir.glob("checkpoint_*/model.pt"):
+        try:
+            raw = read_checkpoint(pt, mmap=True)
+        except CheckpointError:
+            continue  # a checkpoint cut off by a crash; the others remain usable
+        found.append((pt, json.loads(raw["extra"]["metrics"])))
+    return sorted(found, key=lambda pm: pm[1]["epoch"])
+
+
+def _init_ray(config: TrainConfig) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local one with its files in a temp dir."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        cpus = max(os.cpu_count() or 1, config.num_workers * config.cpus_per_worker)
+        ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="geoseg-ray-"))
+
+
+def train(config: TrainConfig) -> Path:
+    """Train on Ray Train and write the best-validating model to <out>/<name>.pt; returns that path."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    card, train_items, val_items = prepare_data(config)
+    out = config.out_dir
+    run_dir = out / "ray" / config.name
+    if not config.resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    previous = _checkpoints(run_dir)
+    print(f"[{config.name}] {len(train_items)} training and {len(val_items)} validation images; "
+          f"{config.epochs} epochs x {config.steps_per_epoch} steps x {config.batch_size} chips of {config.chip} px on {config.num_workers} worker(s)", flush=True)
+    if previous:
+        print(f"[{config.name}] resuming after epoch {previous[-1][1]['epoch'] + 1} from {previous[-1][0].parent}", flush=True)
+    if not previous or previous[-1][1]["epoch"] + 1 < config.epochs:
+        _init_ray(config)
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={
+                "config": asdict(config), "card": card.to_dict(), "train": ray.put(train_items), "val": ray.put(val_items),
+                "resume_dir": str(previous[-1][0].parent) if previous else "",
+            },
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}),
+            run_config=RunConfig(
+                name=config.name, storage_path=str(out / "ray"),
+                checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"),
+                failure_config=FailureConfig(max_failures=2),
+            ),
+        )
+        trainer.fit()
+    best_pt, metrics = max(_checkpoints(run_dir), key=lambda pm: pm[1]["val_miou"])
+    raw = read_checkpoint(best_pt)
+    model = build_model(card)
+    model.load_state_dict(raw["state_dict"])
+    final = out / f"{config.name}.pt"
+    save_checkpoint(final, card, model, {"metrics": json.dumps(metrics), "config": json.dumps(asdict(config))})
+    names = {c.id: c.name for c in card.classes}
+    print(f"[{config.name}] best epoch {metrics['epoch'] + 1}: validation of {final}", flush=True)
+    print(format_table(summarise(validate(model, card, val_items), 0, names)), flush=True)
+    return final
+
+
+def train_from_config(path: str | Path) -> Path:
+    """`geoseg train --config FILE`: train the model the file describes; returns the written checkpoint."""
+    return train(load_config(path))

@@ -1,0 +1,74 @@
+"""Training: config parsing, the ignore value in the loss, and a short real run through Ray Train."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from geoseg.errors import ConfigError
+from geoseg.model.card import ClassInfo
+from geoseg.model.checkpoint import load_card, load_model, read_checkpoint
+from geoseg.train import TrainConfig, class_lookup, load_config, lr_at, masked_loss, predict_ids, train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["sentinel2-lulc", "aerial-rgb"])
+def test_shipped_configs_load(name: str) -> None:
+    config = load_config(CONFIGS / f"{name}.toml")
+    assert config.name == name and config.validate and config.train and config.training_data
+
+
+def test_unknown_config_keys_list_the_valid_ones(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text('name = "x"\nepochz = 3\n')
+    with pytest.raises(ConfigError, match="epochz.*valid keys.*epochs"):
+        load_config(tmp_path / "c.toml")
+
+
+def test_ignored_pixels_do_not_affect_the_loss() -> None:
+    card = replace(load_card("sentinel2-lulc"), classes=(ClassInfo(1, "a", "#ff0000"), ClassInfo(3, "b", "#00ff00")))
+    lookup = class_lookup(card)
+    labels = torch.tensor([[[1, 3], [0, 0]]])
+    logits = torch.randn(1, 2, 2, 2)
+    other = logits.clone()
+    other[..., 1, :] = 100 * torch.randn(2, 2)  # change only the unlabelled row
+    loss = masked_loss(logits, labels, lookup)
+    assert torch.equal(loss, masked_loss(other, labels, lookup))
+    expected = torch.nn.functional.cross_entropy(logits[0, :, 0].T, torch.tensor([0, 1]))
+    assert torch.allclose(loss, expected)
+
+
+def test_learning_rate_warms_up_then_decays() -> None:
+    lrs = [lr_at(s, 100, 1.0) for s in range(100)]
+    assert lrs[0] < lrs[4] == 1.0 and lrs[-1] < 0.02 and all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+
+
+def test_short_real_training_run_learns_resumes_and_loads(data_dir: Path, ray_session: None, tmp_path: Path) -> None:
+    """Two epochs on real Strzegom chips through Ray Train, east quarter held out; then one more epoch resumed."""
+    base = dict(
+        name="tiny", data_root=str(data_dir), images="sentinel2_strzegom/scenes/strzegom_{item}_33u.tif",
+        labels="sentinel2_strzegom/labels/{stem}.tif", classes_json="sentinel2_strzegom/classes.json",
+        train=("20220719",), validate=("20220719",), holdout="east", width=8, chip=64, batch_size=8,
+        steps_per_epoch=12, lr=0.01, out=str(tmp_path / "run"), training_data=("Strzegom test chips (licence not stated)",),
+    )
+    path = train(TrainConfig(**base, epochs=2))  # type: ignore[arg-type]
+    runs = sorted((tmp_path / "run" / "ray" / "tiny").glob("checkpoint_*/model.pt"))
+    metrics = sorted((json.loads(read_checkpoint(p)["extra"]["metrics"]) for p in runs), key=lambda m: m["epoch"])
+    assert [m["epoch"] for m in metrics] == [0, 1]
+    assert metrics[1]["train_loss"] < metrics[0]["train_loss"]
+    assert 0 < metrics[1]["val_miou"] <= 1
+
+    card, model = load_model(path)
+    assert card.bands[2] == "B04" and len(card.classes) == 10 and card.width == 8
+    raw = np.random.default_rng(0).integers(0, 3000, (10, 70, 90)).astype(np.uint16)
+    ids = predict_ids(model, card, raw, tile_size=32, halo=8)
+    assert ids.shape == (70, 90) and set(np.unique(ids)) <= set(range(1, 11))
+
+    train(TrainConfig(**base, epochs=3))  # type: ignore[arg-type]
+    last = max((json.loads(read_checkpoint(p)["extra"]["metrics"]) for p in runs[0].parent.parent.glob("checkpoint_*/model.pt")), key=lambda m: m["epoch"])
+    assert (last["epoch"], last["first_epoch"]) == (2, 2)  # continued with the third epoch rather than starting over
