@@ -1,0 +1,181 @@
+"""``geoseg``: thin commands over the library. Loose input is normalised here, once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from shapely.geometry import box, shape
+from shapely.ops import unary_union
+
+from geoseg.config import ExecutionSettings, RunConfig, VectoriseSettings
+from geoseg.errors import ConfigError, GeosegError, RegionError
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_region(region: str | None, bbox: str | None) -> str | None:
+    """``--region FILE.geojson`` or ``--bbox W,S,E,N`` (lon/lat) → WKT in EPSG:4326."""
+    if region and bbox:
+        raise ConfigError("give either --region or --bbox, not both")
+    if bbox:
+        try:
+            w, s, e, n = (float(v) for v in bbox.split(","))
+        except ValueError as exc:
+            raise RegionError(f"--bbox {bbox!r} is not W,S,E,N in degrees, e.g. --bbox 16.30,50.98,16.36,51.01") from exc
+        if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+            raise RegionError(f"--bbox {bbox!r} must be W,S,E,N in lon/lat with W < E and S < N")
+        return box(w, s, e, n).wkt
+    if region:
+        try:
+            data = json.loads(Path(region).read_text())
+        except (OSError, ValueError) as exc:
+            raise RegionError(f"cannot read region {region}: {exc}; pass a GeoJSON file in lon/lat") from exc
+        features = data.get("features", [data]) if data.get("type") == "FeatureCollection" else [data]
+        geoms = [shape(f.get("geometry", f)) for f in features]
+        merged = unary_union(geoms)
+        if merged.is_empty or merged.geom_type not in ("Polygon", "MultiPolygon"):
+            raise RegionError(f"region {region} holds no polygon: give a GeoJSON Polygon or MultiPolygon in lon/lat")
+        return merged.wkt
+    return None
+
+
+def _run_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenes", nargs="+", required=True, metavar="FILE", help="scene GeoTIFFs (paths or s3:// URLs)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (path or s3:// URL)")
+    p.add_argument("--model", help="shipped model name (sentinel2-lulc, aerial-rgb) or checkpoint path")
+    p.add_argument("--region", metavar="REGION.geojson", help="area to map, lon/lat GeoJSON")
+    p.add_argument("--bbox", metavar="W,S,E,N", help="area to map, lon/lat box")
+    p.add_argument("--crs", help="output CRS (default: UTM zone of the region's centre)")
+    p.add_argument("--resolution", type=float, metavar="METRES", help="output pixel size (default: finest scene's)")
+    p.add_argument("--bands", help="comma-separated names of every scene band, e.g. red,green,blue,nir")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local Ray)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    p.add_argument("--overwrite", action="store_true", help="replace a RUN_DIR made from a different plan")
+    p.add_argument("--tile-size", type=int, help="tile core side in px (default: the model card's)")
+    p.add_argument("--halo", type=int, help="context px on each side of a tile (default: the model card's)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, else one)")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="use GPU actors (default: if any)")
+    _vectorise_options(p)
+
+
+def _vectorise_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connectivity", type=int, choices=(4, 8), default=4, help="pixel connectivity (default 4)")
+    p.add_argument("--min-area", type=float, default=0.0, metavar="M2", help="minimum mapping unit (default: none)")
+    p.add_argument("--simplify", type=float, default=0.0, metavar="TOLERANCE_M", help="simplification (default: none)")
+    p.add_argument("--block-size", type=int, default=1024, metavar="PX", help="vectorising block size (default 1024)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``geoseg`` argument parser (also used by ``jobs/segment_region.py``)."""
+    parser = argparse.ArgumentParser(prog="geoseg", description="Distributed land-cover mapping on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub.add_parser("run", help="map a region: scenes → tiles → model → classes.tif + landcover.gpkg"))
+    p = sub.add_parser("rerun", help="redo only the tiles that failed or never finished")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--ray-address", help="Ray cluster to join")
+    p = sub.add_parser("status", help="tiles done / failed / pending of a run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = sub.add_parser("vectorise", help="polygonise a class raster into a GeoPackage")
+    p.add_argument("classes", metavar="CLASSES.tif")
+    p.add_argument("--out", required=True, metavar="OUT.gpkg")
+    p.add_argument("--classes", dest="legend", metavar="LEGEND.json", help="class names")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: run in this process)")
+    _vectorise_options(p)
+    p = sub.add_parser("train", help="train a model from a config file")
+    p.add_argument("--config", required=True, metavar="CONFIG.toml")
+    p = sub.add_parser("evaluate", help="compare a run's classes.tif with reference labels")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--reference", required=True, metavar="LABELS.tif")
+    p.add_argument("--ignore", type=int, default=0, help="reference value to ignore (default 0)")
+    return parser
+
+
+def run_config(args: argparse.Namespace) -> tuple[RunConfig, ExecutionSettings]:
+    """Arguments of ``geoseg run`` → the run's typed settings."""
+    config = RunConfig(
+        scenes=tuple(args.scenes), out=args.out.rstrip("/"), model=args.model,
+        region_wkt=parse_region(args.region, args.bbox), crs=args.crs, resolution=args.resolution,
+        bands=tuple(b.strip() for b in args.bands.split(",")) if args.bands else None,
+        tile_size=args.tile_size, halo=args.halo, batch_size=args.batch_size,
+        vectorise=VectoriseSettings(args.connectivity, args.min_area, args.simplify, args.block_size),
+    )
+    return config, ExecutionSettings(ray_address=args.ray_address, actors=args.actors, use_gpu=args.gpu)
+
+
+def _summary(report: dict) -> str:
+    lines = [f"tiles: {report['tiles_done']}/{report['tiles_total']} done, {report['tiles_failed']} failed "
+             f"({report['tiles_processed']} processed in this run)"]
+    lines += [f"  failed tile {t['id']} (row {t['row']}, col {t['col']}, {t['stage']}): {t['error']}"
+              for t in report["failed_tiles"]]
+    lines += [f"  {name}: {area / 1e6:.4f} km2" for name, area in report["class_area_m2"].items()]
+    lines.append("seconds: " + ", ".join(f"{k} {v}" for k, v in report["stage_s"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``geoseg`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except GeosegError as exc:
+        print(f"geoseg: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from geoseg import runtime
+
+    if args.command == "run":
+        config, execution = run_config(args)
+        if args.dry_run:
+            from geoseg.plan import describe, make_plan
+
+            print(describe(make_plan(config)))
+            return 0
+        result = runtime.run(config, execution, overwrite=args.overwrite)
+        print(_summary(result.report))
+        return result.exit_code
+    if args.command == "rerun":
+        result = runtime.rerun(args.run_dir.rstrip("/"), ExecutionSettings(ray_address=args.ray_address))
+        print(_summary(result.report))
+        return result.exit_code
+    if args.command == "status":
+        s = runtime.status(args.run_dir.rstrip("/"))
+        print(f"tiles: {s['tiles_done']} done, {s['tiles_failed']} failed, {s['tiles_pending']} pending "
+              f"of {s['tiles_total']}")
+        for t in s["failed_tiles"]:
+            print(f"  failed tile {t['id']} (row {t['row']}, col {t['col']}, {t['stage']}, "
+                  f"{t['attempts']} attempts): {t['error']}")
+        return 0 if not s["tiles_failed"] and not s["tiles_pending"] else runtime.EXIT_TILES_FAILED
+    if args.command == "vectorise":
+        from geoseg.vectorise import load_legend, vectorise
+
+        if args.ray_address:
+            runtime.connect(args.ray_address)
+        areas = vectorise(args.classes, args.out, load_legend(args.legend) if args.legend else None,
+                          block_size=args.block_size, connectivity=args.connectivity,
+                          min_area_m2=args.min_area, simplify_m=args.simplify)
+        for name, area in areas.items():
+            print(f"{name}: {area / 1e6:.4f} km2")
+        return 0
+    if args.command == "train":
+        from geoseg.train import train_from_config
+
+        print(train_from_config(args.config))
+        return 0
+    if args.command == "evaluate":
+        from geoseg.evaluate import evaluate_run, format_table
+
+        result = evaluate_run(args.run_dir.rstrip("/"), args.reference, ignore=args.ignore)
+        print(format_table(result))
+        return 0
+    raise ConfigError(f"unknown command {args.command}")

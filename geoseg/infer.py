@@ -1,0 +1,93 @@
+"""The infer stage: batch prediction (pure) and the predictor that loads a model once and serves many tiles.
+
+The predictor is plain Python; ``runtime`` makes Ray actors of it (``num_gpus`` on GPU clusters).
+On a GPU it runs bf16 autocast with pinned host memory and non-blocking copies; on a CPU plain fp32
+(bf16 is several times slower on common CPUs). Both use channels_last.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from geoseg.grid import Grid
+from geoseg.model.card import ModelCard
+from geoseg.model.checkpoint import load_model
+from geoseg.store import Stores
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, x: torch.Tensor, class_ids: torch.Tensor, bf16: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class ids (uint8) and confidence (max softmax probability scaled to 0..255, uint8) per pixel."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x.contiguous(memory_format=torch.channels_last))
+    prob = torch.softmax(logits.float(), dim=1)
+    conf, k = prob.max(dim=1)
+    return class_ids[k], (conf * 255.0).round().to(torch.uint8)
+
+
+def prepare(card: ModelCard, image: np.ndarray, valid: np.ndarray, batch_size: int) -> np.ndarray:
+    """Normalise raw tiles and pad the batch to ``batch_size``.
+
+    Invalid pixels become 0 after normalisation (the training mean); the fixed batch shape makes
+    each tile's prediction independent of which, and how many, tiles share its batch.
+    """
+    x = card.normalise(image)
+    x[~np.broadcast_to(valid[:, None], x.shape)] = 0.0
+    if x.shape[0] < batch_size:
+        x = np.concatenate([x, np.zeros((batch_size - x.shape[0], *x.shape[1:]), np.float32)])
+    return x
+
+
+class Predictor:
+    """Holds the model and the open stores; ``__call__`` predicts and writes a batch of tiles."""
+
+    def __init__(self, model: str, run_dir: str, grid: Grid, tiles: np.ndarray, batch_size: int,
+                 device: str = "cpu", threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.card, self.model = load_model(model, device=device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.class_ids = torch.as_tensor(self.card.class_ids, device=self.device)
+        self.bf16 = self.device.type == "cuda"
+        self.stores = Stores(run_dir)
+        self.grid = grid
+        self.tiles = tiles
+        self.batch_size = batch_size
+
+    def pid(self) -> int:
+        """Process id of the worker (for operators and fault tests)."""
+        return os.getpid()
+
+    def __call__(self, tile_ids: list[int]) -> list[tuple[int, str | None, float]]:
+        """Predict tiles; (tile id, error or None, seconds) each. A failing batch is retried tile by tile
+        so one bad tile cannot take its batch-mates down with it."""
+        start = time.perf_counter()
+        try:
+            self._run(tile_ids)
+            took = (time.perf_counter() - start) / len(tile_ids)
+            return [(i, None, took) for i in tile_ids]
+        except Exception as exc:  # recorded per tile by the driver
+            if len(tile_ids) == 1:
+                return [(tile_ids[0], f"{type(exc).__name__}: {exc}", time.perf_counter() - start)]
+        return [result for i in tile_ids for result in self([i])]
+
+    def _run(self, tile_ids: list[int]) -> None:
+        image, valid = self.stores.read_tiles(tile_ids)
+        x = torch.from_numpy(prepare(self.card, image, valid, self.batch_size))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        classes, conf = predict(self.model, x, self.class_ids, self.bf16)
+        classes, conf = classes.cpu().numpy(), conf.cpu().numpy()
+        h = self.grid.halo
+        for k, tile_id in enumerate(tile_ids):
+            rows, cols = self.grid.core_window(*(int(v) for v in self.tiles[tile_id]))
+            core = (slice(h, h + rows.stop - rows.start), slice(h, h + cols.stop - cols.start))
+            ok = valid[k][core]
+            self.stores.write_prediction(rows, cols, np.where(ok, classes[k][core], 0).astype(np.uint8),
+                                         np.where(ok, conf[k][core], 0).astype(np.uint8))

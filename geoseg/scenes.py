@@ -1,0 +1,144 @@
+"""Opening scenes (local paths or URLs): what they hold, which bands feed the model, windowed reads.
+
+Band naming, in order of precedence: ``--bands`` given by the user; the scene's own band
+descriptions (Sentinel-2 stacks carry ``B02``...); the common convention for 8-bit imagery with
+3 or 4 bands (red, green, blue, then alpha when the colour interpretation says so, else NIR).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import RasterioIOError
+from rasterio.vrt import WarpedVRT
+
+from geoseg import storage
+from geoseg.errors import SceneError, SceneReadError
+
+log = logging.getLogger(__name__)
+
+_ALIASES = {"r": "red", "g": "green", "b": "blue", "n": "nir", "nir": "nir", "a": "alpha"}
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What the planner needs to know of one scene; small, picklable, with no open handles."""
+
+    url: str
+    crs: str
+    transform: tuple[float, ...]
+    width: int
+    height: int
+    dtype: str
+    band_names: tuple[str, ...]
+    alpha: int | None
+    nodata: float | None
+
+    @property
+    def res(self) -> float:
+        """Pixel size along x in the scene's CRS units."""
+        return abs(self.transform[0])
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in the scene's CRS."""
+        t = Affine(*self.transform)
+        xs = [t.c, t.c + t.a * self.width]
+        ys = [t.f, t.f + t.e * self.height]
+        return min(xs), min(ys), max(xs), max(ys)
+
+
+def normalise_band_name(name: str) -> str:
+    """One spelling per band: case-insensitive, with R/G/B/N shorthands."""
+    key = name.strip().lower()
+    return _ALIASES.get(key, key)
+
+
+def open_scene(url: str, band_names: tuple[str, ...] | None = None) -> Scene:
+    """Inspect a scene once at planning time; fail fast on what no tile could read."""
+    try:
+        with rasterio.Env(**storage.gdal_options()), rasterio.open(url) as src:
+            if src.crs is None:
+                raise SceneError(f"scene {url} has no CRS: assign one (e.g. gdal_edit.py -a_srs EPSG:XXXX) and run again")
+            names = _band_names(src, url, band_names)
+            alpha = next((i + 1 for i, ci in enumerate(src.colorinterp) if ci == ColorInterp.alpha), None)
+            return Scene(
+                url=url,
+                crs=src.crs.to_wkt(),
+                transform=tuple(src.transform)[:6],
+                width=src.width,
+                height=src.height,
+                dtype=src.dtypes[0],
+                band_names=names,
+                alpha=alpha,
+                nodata=src.nodata,
+            )
+    except RasterioIOError as exc:
+        raise SceneReadError(f"cannot read scene {url}: {exc}. Check the path (and AWS_* variables for s3:// URLs)") from exc
+
+
+def _band_names(src: rasterio.DatasetReader, url: str, given: tuple[str, ...] | None) -> tuple[str, ...]:
+    if given:
+        if len(given) != src.count:
+            raise SceneError(f"--bands names {len(given)} bands but scene {url} has {src.count}: name every band in order")
+        return tuple(normalise_band_name(b) for b in given)
+    if all(src.descriptions):
+        return tuple(normalise_band_name(d) for d in src.descriptions)
+    if src.dtypes[0] == "uint8" and src.count in (3, 4):
+        fourth = "alpha" if src.count == 4 and src.colorinterp[3] == ColorInterp.alpha else "nir"
+        names = ("red", "green", "blue", fourth)[: src.count]
+        log.info("scene %s names no bands: assuming %s (8-bit convention); pass --bands to override", url, ",".join(names))
+        return names
+    raise SceneError(
+        f"scene {url} ({src.count} bands, {src.dtypes[0]}) does not name its bands: pass --bands NAME,NAME,... in band order"
+    )
+
+
+def band_indexes(scene: Scene, wanted: tuple[str, ...]) -> tuple[int, ...]:
+    """1-based indexes of the model's bands in the scene, in the model's order."""
+    names = list(scene.band_names)
+    missing = [b for b in wanted if normalise_band_name(b) not in names]
+    if missing:
+        raise SceneError(
+            f"scene {scene.url} has bands {','.join(names)} but the model needs {','.join(wanted)} "
+            f"(missing {','.join(missing)}): choose a model for this imagery with --model, or name the bands with --bands"
+        )
+    return tuple(names.index(normalise_band_name(b)) + 1 for b in wanted)
+
+
+def read_window(
+    url: str,
+    bands: tuple[int, ...],
+    crs: str,
+    transform: Affine,
+    shape: tuple[int, int],
+    aligned: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``bands`` of a scene onto a target window of the run's grid: (data[B,H,W], valid[H,W]).
+
+    ``aligned`` (same CRS, same pixel size, pixel edges on the grid's) takes nearest neighbour so the
+    values are the scene's own; otherwise bilinear. Pixels outside the scene or masked (nodata, alpha)
+    are invalid.
+    """
+    height, width = shape
+    resampling = Resampling.nearest if aligned else Resampling.bilinear
+    with rasterio.Env(**storage.gdal_options()), rasterio.open(url) as src:
+        has_mask = src.nodata is not None or any(ci == ColorInterp.alpha for ci in src.colorinterp)
+        with WarpedVRT(
+            src,
+            crs=CRS.from_user_input(crs),
+            transform=transform,
+            width=width,
+            height=height,
+            resampling=resampling,
+            add_alpha=not has_mask,
+        ) as vrt:
+            data = vrt.read(list(bands))
+            valid = (vrt.dataset_mask() if has_mask else vrt.read(vrt.count)) > 0
+    return data, valid

@@ -1,0 +1,119 @@
+"""Paths that are local folders or object-store URLs, behind one small API.
+
+Every path of a run (scenes, RUN_DIR, zarr stores) may be an ``s3://`` URL so that every node of a
+cluster sees the same files. Credentials and endpoints come only from the usual environment
+variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``...);
+they are forwarded to Ray workers through the runtime environment and never written to disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+
+_FORWARDED_PREFIXES = ("AWS_", "GDAL_", "CPL_", "VSI_")
+
+
+def is_remote(url: str) -> bool:
+    """True for object-store URLs (``s3://...``), False for local paths."""
+    return "://" in url and not url.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URL."""
+    if is_remote(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return str(Path(base, *parts))
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for ``url``: the S3 endpoint from ``AWS_ENDPOINT_URL`` when one is set."""
+    if not url.startswith("s3://"):
+        return {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem serving ``url`` and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
+    return fs, path
+
+
+def exists(url: str) -> bool:
+    """Whether a file or folder exists at ``url``."""
+    fs, path = filesystem(url)
+    return bool(fs.exists(path))
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole content of a (small) file."""
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return bytes(f.read())
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a small file atomically: a reader sees the old content or the new, never a mix.
+
+    Locally through a temporary file renamed over the target; an object-store PUT is atomic already.
+    """
+    if is_remote(url):
+        fs, path = filesystem(url)
+        fs.pipe_file(path, data)
+        return
+    target = Path(url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def put_file(local: str | Path, url: str) -> None:
+    """Publish a finished local file at ``url`` (a rename locally, an upload for a URL)."""
+    if is_remote(url):
+        fs, path = filesystem(url)
+        fs.put_file(str(local), path)
+        return
+    Path(url).parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(local), url)
+
+
+def remove(url: str) -> None:
+    """Remove a file or folder tree if it exists."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def makedirs(url: str) -> None:
+    """Create a local folder (object stores need none)."""
+    if not is_remote(url):
+        Path(url).mkdir(parents=True, exist_ok=True)
+
+
+def gdal_options() -> dict[str, str]:
+    """GDAL settings for reading ``s3://`` scenes from the endpoint named by ``AWS_ENDPOINT_URL``."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint or "AWS_S3_ENDPOINT" in os.environ:
+        return {}
+    parsed = urlparse(endpoint)
+    return {
+        "AWS_S3_ENDPOINT": parsed.netloc,
+        "AWS_HTTPS": "YES" if parsed.scheme == "https" else "NO",
+        "AWS_VIRTUAL_HOSTING": "FALSE",
+    }
+
+
+def forwarded_env() -> dict[str, str]:
+    """The environment variables that workers need to reach the same store as the driver."""
+    return {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_PREFIXES)}

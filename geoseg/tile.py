@@ -1,0 +1,73 @@
+"""The tile stage: read one tile's haloed square from every scene covering it and store it.
+
+Compositing rule: scenes are taken in the order the user listed them, and each pixel takes its
+value from the first scene that has valid data there (later scenes only fill gaps). Pixels outside
+the region, or valid in no scene, are stored as invalid and come out as class 0 (no data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from rasterio.features import geometry_mask
+from shapely import wkt as shapely_wkt
+
+from geoseg.grid import Grid
+from geoseg.plan import SceneUse
+from geoseg.scenes import read_window
+from geoseg.store import Stores
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """What every tile task of a run shares: small, shipped once to the cluster."""
+
+    run_dir: str
+    grid: Grid
+    scenes: tuple[SceneUse, ...]
+    region_grid_wkt: str | None
+    dtype: str
+    band_count: int
+
+    def scenes_for(self, row: int, col: int) -> list[SceneUse]:
+        """Scenes whose footprint box touches the tile's input square, in priority order."""
+        g = self.grid
+        t = g.input_transform(row, col)
+        x0, y1 = t.c, t.f
+        x1, y0 = x0 + g.input_size * g.res, y1 - g.input_size * g.res
+        return [u for u in self.scenes if x0 < u.grid_bounds[2] and x1 > u.grid_bounds[0]
+                and y0 < u.grid_bounds[3] and y1 > u.grid_bounds[1]]
+
+
+def composite(layers: list[tuple[np.ndarray, np.ndarray]], band_count: int, size: int, dtype: str
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """First-valid-wins composite of (data[B,H,W], valid[H,W]) layers in priority order."""
+    image = np.zeros((band_count, size, size), dtype)
+    valid = np.zeros((size, size), bool)
+    for data, ok in layers:
+        take = ok & ~valid
+        image[:, take] = data[:, take]
+        valid |= take
+    return image, valid
+
+
+def make_tile(job: TileJob, stores: Stores, tile_id: int, row: int, col: int) -> None:
+    """Read, composite and store one tile; raises on any read or write error (the caller records it)."""
+    g = job.grid
+    transform = g.input_transform(row, col)
+    shape = (g.input_size, g.input_size)
+    layers = [read_window(u.scene.url, u.bands, g.crs, transform, shape, u.aligned) for u in job.scenes_for(row, col)]
+    image, valid = composite(layers, job.band_count, g.input_size, job.dtype)
+    if job.region_grid_wkt is not None:
+        valid &= geometry_mask([shapely_wkt.loads(job.region_grid_wkt)], out_shape=shape, transform=transform, invert=True)
+    stores.write_tile(tile_id, image, valid)
+
+
+def run_tile(job: TileJob, tile_id: int, row: int, col: int) -> tuple[int, str | None]:
+    """Task body: make one tile, reporting (id, error) instead of raising so the driver records it."""
+    try:
+        make_tile(job, Stores(job.run_dir), tile_id, row, col)
+        return tile_id, None
+    except Exception as exc:  # any failure is this tile's, recorded in the ledger
+        return tile_id, f"{type(exc).__name__}: {exc}"
