@@ -61,7 +61,7 @@ class Grid:
     def input_transform(self, row: int, col: int) -> Affine:
         """Georeferencing of a tile's haloed input square, which may reach past the grid's edge."""
         t = self.tile_size
-        return self.transform * Affine.translation(col * t - self.halo, row * t - self.halo)
+        return self.transform @ Affine.translation(col * t - self.halo, row * t - self.halo)
 
     def area_m2(self, pixels: int) -> float:
         """Area of ``pixels`` grid cells (the grid's CRS is projected in metres)."""

@@ -209,12 +209,15 @@ class _Dispatcher:
         n_actors = execution.actors or (gpus if self.use_gpu else 1)
         cpus = float(resources.get("CPU", 1))
         actor_cpus = execution.actor_cpus or (1.0 if self.use_gpu else max(1.0, cpus / n_actors - 2 * execution.tile_cpus))
-        self.actor_options = {"num_cpus": actor_cpus, "num_gpus": 1 if self.use_gpu else 0, "max_restarts": 0}
+        runtime_env = {"env_vars": storage.forwarded_env()}
+        self.actor_options = {"num_cpus": actor_cpus, "num_gpus": 1 if self.use_gpu else 0, "max_restarts": 0,
+                              "runtime_env": runtime_env}
         self.threads = max(1, round(actor_cpus))
         self.tiles_ref = ray.put(plan.tiles)
         self.job_ref = ray.put(TileJob(run_dir, plan.grid, plan.scenes, _region_in_grid(plan), card.input_dtype,
                                        len(card.bands)))
-        self.tile_remote = ray.remote(run_tile).options(num_cpus=execution.tile_cpus, max_retries=0)
+        self.tile_remote = ray.remote(run_tile).options(num_cpus=execution.tile_cpus, max_retries=0,
+                                                         runtime_env=runtime_env)
         self.actor_class = ray.remote(Predictor)
         self.actors = [self._new_actor() for _ in range(n_actors)]
         self.replacements = 0

@@ -126,6 +126,15 @@ def read_window(
     values are the scene's own; otherwise bilinear. Pixels outside the scene or masked (nodata, alpha)
     are invalid.
     """
+    try:
+        return _warped_read(url, bands, crs, transform, shape, aligned)
+    except RasterioIOError as exc:
+        raise SceneReadError(f"reading {url} failed ({exc}): the file may be truncated or corrupt; "
+                             "repair or download it again, then `geoseg rerun RUN_DIR`") from exc
+
+
+def _warped_read(url: str, bands: tuple[int, ...], crs: str, transform: Affine, shape: tuple[int, int],
+                 aligned: bool) -> tuple[np.ndarray, np.ndarray]:
     height, width = shape
     resampling = Resampling.nearest if aligned else Resampling.bilinear
     with rasterio.Env(**storage.gdal_options()), rasterio.open(url) as src:

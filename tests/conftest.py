@@ -6,6 +6,11 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    from affine import Affine
 
 import pytest
 
@@ -36,3 +41,24 @@ def ray_session() -> Iterator[None]:
         yield None
     finally:
         ray.shutdown()
+
+
+def write_raster(path: Path, data: "np.ndarray", crs: str | None = "EPSG:32633", transform: "Affine | None" = None,
+                 nodata: float | None = None, descriptions: tuple[str, ...] | None = None,
+                 alpha_last: bool = False) -> Path:
+    """A small GeoTIFF made in code (bands, y, x), for fixtures that need an exact known raster."""
+    import rasterio
+    from affine import Affine
+    from rasterio.enums import ColorInterp
+
+    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=str(data.dtype),
+                   transform=transform or Affine(10, 0, 500000, 0, -10, 5650000), nodata=nodata)
+    if crs is not None:
+        profile["crs"] = crs
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        if descriptions:
+            dst.descriptions = descriptions
+        if alpha_last:
+            dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
+    return path

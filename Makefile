@@ -1,0 +1,25 @@
+# Two commands do all the set-up: `make demo` maps a real Sentinel-2 scene, `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+DATA ?= ../shared/data
+RUN_DIR ?= runs/demo
+export RAY_AUTH_MODE ?= disabled
+
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/geoseg run --scenes $(DATA)/sentinel2_strzegom/scenes/strzegom_20230530_33u.tif \
+		--out $(RUN_DIR) --overwrite
+	$(VENV)/bin/geoseg status $(RUN_DIR)
+
+test: setup
+	GEOSEG_DATA=$(DATA) $(VENV)/bin/pytest -q -p no:cacheprovider
+
+.PHONY: setup demo test

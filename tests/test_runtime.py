@@ -1,0 +1,242 @@
+"""The job end to end on a real local Ray: real scenes → zarr → inference actors → classes.tif → GeoPackage.
+
+Also the failure paths: a truncated scene whose tiles fail and are rerun after repair, an inference
+actor killed mid-run, and a RUN_DIR holding a different plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import psutil
+import pytest
+import rasterio
+import zarr
+from pyproj import CRS
+from shapely import union_all
+
+from geoseg import runtime
+from geoseg.cli import main
+from geoseg.config import ExecutionSettings, RunConfig
+from geoseg.errors import PlanMismatchError
+from geoseg.plan import load_plan
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+S2_DATE = "20230530"
+
+
+def s2_path(data_dir: Path) -> Path:
+    return data_dir / "sentinel2_strzegom" / "scenes" / f"strzegom_{S2_DATE}_33u.tif"
+
+
+def read_classes(run_dir: Path) -> np.ndarray:
+    with rasterio.open(run_dir / "classes.tif") as src:
+        return src.read(1)
+
+
+def check_outputs(run_dir: Path, class_json: Path | None = None) -> dict:
+    """Every output of a finished run, checked against each other: the contract of issue 2."""
+    report = json.loads((run_dir / "report.json").read_text())
+    for key in ("tiles_total", "tiles_done", "tiles_failed", "failed_tiles", "class_area_m2", "stage_s"):
+        assert key in report
+    plan = load_plan(str(run_dir))
+    with rasterio.open(run_dir / "classes.tif") as src:
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert src.dtypes[0] == "uint8" and src.nodata == 0
+        assert CRS.from_user_input(src.crs) == CRS.from_user_input(plan.grid.crs)
+        classes = src.read(1)
+        cmap = src.colormap(1)
+        res = src.res[0]
+    ids = set(np.unique(classes).tolist()) - {0}
+    assert ids, "the model predicted nothing"
+    if class_json is not None:
+        legend = json.loads(class_json.read_text())["classes"]
+        assert ids <= {c["id"] for c in legend}
+        for c in legend:
+            rgb = tuple(int(c["color"][i:i + 2], 16) for i in (1, 3, 5))
+            assert cmap[c["id"]][:3] == rgb
+
+    # predictions zarr is georeferenced and equals the mosaic
+    pred = zarr.open_group(str(run_dir / "predictions.zarr"), mode="r")
+    assert CRS.from_user_input(pred.attrs["crs"]) == CRS.from_user_input(plan.grid.crs)
+    assert pred.attrs["transform"][0] == res
+    assert np.array_equal(pred["classes"][:], classes)
+    tiles = zarr.open_group(str(run_dir / "tiles.zarr"), mode="r")
+    assert tiles["image"].shape[0] == plan.tile_count and "crs" in tiles.attrs
+
+    # the GeoPackage: valid polygons, exact class areas, no overlaps, a spatial index
+    gdf = gpd.read_file(run_dir / "landcover.gpkg", layer="landcover")
+    assert {"class_id", "class_name", "area_m2"} <= set(gdf.columns)
+    assert gdf.geometry.is_valid.all()
+    assert CRS.from_user_input(gdf.crs) == CRS.from_user_input(plan.grid.crs)
+    pixel_area = res * res
+    for cid in ids:
+        sub = gdf[gdf.class_id == cid]
+        assert sub.geometry.area.sum() == pytest.approx((classes == cid).sum() * pixel_area, rel=1e-9)
+        assert sub.area_m2.sum() == pytest.approx((classes == cid).sum() * pixel_area, rel=1e-9)
+    assert union_all(gdf.geometry.values).area == pytest.approx((classes > 0).sum() * pixel_area, rel=1e-9)
+    with sqlite3.connect(run_dir / "landcover.gpkg") as db:
+        assert db.execute("select count(*) from gpkg_extensions where extension_name='gpkg_rtree_index'").fetchone()[0] >= 1
+    names = dict(zip(gdf.class_id, gdf.class_name))
+    for cid in ids:
+        assert report["class_area_m2"][names[cid]] == pytest.approx((classes == cid).sum() * pixel_area, rel=1e-9)
+    return report
+
+
+@pytest.fixture(scope="module")
+def s2_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("s2") / "run"
+    code = main(["run", "--scenes", str(s2_path(data_dir)), "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_sentinel2_scene_end_to_end(s2_run: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = check_outputs(s2_run, data_dir / "sentinel2_strzegom" / "classes.json")
+    assert report["tiles_done"] == report["tiles_total"] > 0 and report["tiles_failed"] == 0
+    # a real trained model: its map agrees with the labelled fields of this (held-out) date
+    classes = read_classes(s2_run)
+    with rasterio.open(data_dir / "sentinel2_strzegom" / "labels" / f"strzegom_{S2_DATE}_33u.tif") as src:
+        labels = src.read(1).astype(np.uint8)
+    labelled = labels > 0
+    assert (classes[labelled] == labels[labelled]).mean() > 0.7
+    assert main(["status", str(s2_run)]) == 0
+    assert f"{report['tiles_total']} done, 0 failed, 0 pending" in capsys.readouterr().out
+
+
+def test_naip_scene_reprojected_with_the_rgb_model(tmp_path: Path, data_dir: Path) -> None:
+    out = tmp_path / "naip"
+    scene = data_dir / "scenes" / "naip_m_4709963_se_14_1_20200831.tif"
+    assert main(["run", "--scenes", str(scene), "--out", str(out)]) == 0
+    report = check_outputs(out)
+    assert report["model"]["name"] == "aerial-rgb"
+    with rasterio.open(out / "classes.tif") as dst:
+        assert dst.crs.to_epsg() == 32614  # UTM zone of the centre; the scene itself is NAD83 (EPSG:26914)
+
+
+def test_drone_orthophoto_alpha_is_no_data(tmp_path: Path, data_dir: Path) -> None:
+    out = tmp_path / "drone"
+    scene = data_dir / "scenes" / "drone_webodm_orthophoto.tif"
+    assert main(["run", "--scenes", str(scene), "--out", str(out)]) == 0
+    check_outputs(out)
+    with rasterio.open(scene) as src:
+        alpha = src.read(4)
+    classes = read_classes(out)
+    assert classes.shape == alpha.shape  # same CRS and native resolution: the scene's own grid
+    assert np.array_equal(classes > 0, alpha > 0)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path, data_dir: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "dry"
+    assert main(["run", "--scenes", str(s2_path(data_dir)), "--out", str(out), "--dry-run",
+                 "--bbox", "16.27,50.97,16.31,50.99"]) == 0
+    text = capsys.readouterr().out
+    assert "EPSG:32633" in text and "tiles" in text and "scenes per tile" in text
+    assert not out.exists()
+
+
+def test_existing_run_dir_with_another_plan_is_refused(s2_run: Path, data_dir: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    before = (s2_run / "classes.tif").read_bytes()
+    other = RunConfig(scenes=(str(s2_path(data_dir)),), out=str(s2_run), resolution=20.0)
+    with pytest.raises(PlanMismatchError, match="--overwrite"):
+        runtime.run(other, ExecutionSettings())
+    assert main(["run", "--scenes", str(s2_path(data_dir)), "--out", str(s2_run), "--resolution", "20"]) == 2
+    assert "PlanMismatchError" in capsys.readouterr().err
+    assert (s2_run / "classes.tif").read_bytes() == before  # nothing already done is lost
+
+
+# --- failures and reruns: 64 px tiles so the 401 px scene makes 49 tiles -------------------------------
+
+SMALL_TILES = ["--tile-size", "64", "--halo", "32", "--batch-size", "4"]
+
+
+def plain_copy(src: Path, dst: Path) -> Path:
+    """A GDAL-written, uncompressed, striped copy: its header comes first, so a truncated copy still opens."""
+    with rasterio.open(src) as s:
+        profile = {**s.profile, "tiled": False, "compress": None}
+        with rasterio.open(dst, "w", **profile) as d:
+            d.write(s.read())
+            d.descriptions = s.descriptions
+    return dst
+
+
+@pytest.fixture(scope="module")
+def clean_small_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("clean")
+    scene = plain_copy(s2_path(data_dir), root / "scene.tif")
+    out = root / "run"
+    assert main(["run", "--scenes", str(scene), "--out", str(out), *SMALL_TILES]) == 0
+    return out
+
+
+def test_truncated_scene_fails_its_tiles_and_rerun_redoes_only_them(
+        tmp_path: Path, data_dir: Path, clean_small_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = plain_copy(s2_path(data_dir), tmp_path / "good.tif")
+    scene = tmp_path / "scene.tif"
+    data = good.read_bytes()
+    scene.write_bytes(data[: int(len(data) * 0.75)])  # the bottom quarter of the rows is gone
+    out = tmp_path / "run"
+
+    code = main(["run", "--scenes", str(scene), "--out", str(out), *SMALL_TILES])
+    assert code == runtime.EXIT_TILES_FAILED
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["tiles_failed"] < report["tiles_total"]
+    assert report["tiles_done"] + report["tiles_failed"] == report["tiles_total"]
+    assert all("truncated" in t["error"] and t["stage"] == "tile" for t in report["failed_tiles"])
+    assert min(t["row"] for t in report["failed_tiles"]) >= 3  # only tiles reading the lost rows
+    assert (out / "classes.tif").exists() and (out / "landcover.gpkg").exists()  # outputs for the rest
+    capsys.readouterr()
+    assert main(["status", str(out)]) == runtime.EXIT_TILES_FAILED
+    status_text = capsys.readouterr().out
+    assert f"{report['tiles_failed']} failed" in status_text and "truncated" in status_text
+
+    shutil.copyfile(good, scene)  # the scene is repaired (downloaded again)
+    failed = report["tiles_failed"]
+    assert main(["rerun", str(out)]) == 0
+    rerun = check_outputs(out, data_dir / "sentinel2_strzegom" / "classes.json")
+    assert rerun["tiles_processed"] == failed and rerun["tiles_failed"] == 0
+    assert np.array_equal(read_classes(out), read_classes(clean_small_run))
+
+
+def test_killed_inference_actor_is_replaced_and_output_is_identical(
+        tmp_path: Path, data_dir: Path, clean_small_run: Path) -> None:
+    scene = plain_copy(s2_path(data_dir), tmp_path / "scene.tif")
+    out = tmp_path / "run"
+    finished = threading.Event()
+    killed: list[int] = []
+
+    def kill_first_actor() -> None:
+        while not finished.is_set():
+            for p in psutil.process_iter(["cmdline"]):
+                if any("Predictor.__call__" in part for part in (p.info["cmdline"] or [])):
+                    time.sleep(0.5)
+                    if not finished.is_set():
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed.append(p.pid)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_actor)
+    killer.start()
+    try:
+        code = main(["run", "--scenes", str(scene), "--out", str(out), *SMALL_TILES])
+    finally:
+        finished.set()
+        killer.join()
+    assert killed, "the actor was not killed while the run was going"
+    assert code == 0
+    report = check_outputs(out)
+    assert report["tiles_done"] == report["tiles_total"]
+    assert np.array_equal(read_classes(out), read_classes(clean_small_run))
