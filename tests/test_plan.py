@@ -124,4 +124,5 @@ def test_reprojected_read_marks_outside_pixels_invalid(data_dir: Path) -> None:
     data, valid = read_window(scene.url, (1, 2, 3), g.crs, g.input_transform(0, 0), (g.input_size, g.input_size), False)
     assert data.shape == (3, g.input_size, g.input_size)
     assert 0 < valid.mean() < 1  # the halo reaches outside the scene
-    assert (data[:, valid] > 0).all()
+    assert (data[:, valid] > 0).mean() > 0.99  # the scene itself has a few zero pixels
+    assert (data[:, ~valid] == 0).all()
