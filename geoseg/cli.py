@@ -173,9 +173,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(train_from_config(args.config))
         return 0
     if args.command == "evaluate":
-        from geoseg.evaluate import evaluate_run, format_table
+        from geoseg import storage
+        from geoseg.evaluate import evaluate_rasters, format_table
+        from geoseg.model.checkpoint import load_card
+        from geoseg.mosaic import CLASSES_TIF
+        from geoseg.plan import load_plan
 
-        result = evaluate_run(args.run_dir.rstrip("/"), args.reference, ignore=args.ignore)
+        run_dir = args.run_dir.rstrip("/")
+        card = load_card(load_plan(run_dir).model)
+        result = evaluate_rasters(storage.join(run_dir, CLASSES_TIF), args.reference, ignore=args.ignore,
+                                  names={c.id: c.name for c in card.classes})
+        storage.write_bytes(storage.join(run_dir, "evaluation.json"), json.dumps(result, indent=2).encode())
         print(format_table(result))
+        print(json.dumps(result))
         return 0
     raise ConfigError(f"unknown command {args.command}")
