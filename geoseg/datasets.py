@@ -6,6 +6,7 @@ augmentation are pure array functions on `LabelledImage` values.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,13 +137,14 @@ class ChipSampler:
     1 draws every class equally often.
     """
 
-    def __init__(self, items: list[LabelledImage], class_ids: np.ndarray, chip: int, balance: float = 0.5) -> None:
+    def __init__(self, items: list[LabelledImage], class_ids: np.ndarray, chip: int, balance: float = 0.5, zoom: float = 1.0) -> None:
         if not items:
             raise ConfigError("no training images: check the train items in the config")
-        if not 0 <= balance <= 1:
-            raise ConfigError(f"balance must be within [0, 1], got {balance}")
-        self.items = [_pad_to(item, chip) for item in items]
+        if not 0 <= balance <= 1 or zoom < 1:
+            raise ConfigError(f"balance must be within [0, 1] and zoom >= 1, got {balance} and {zoom}")
+        self.items = [_pad_to(item, math.ceil(chip * zoom)) for item in items]
         self.chip = chip
+        self.zoom = zoom
         lookup = np.full(256, -1, np.int64)
         lookup[class_ids] = np.arange(len(class_ids))
         self.where: list[np.ndarray] = []  # per class: (k, 2) of (item index, flat pixel index)
@@ -156,19 +158,40 @@ class ChipSampler:
         self.class_p = weights / weights.sum()
 
     def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """n chips: raw images (n, B, chip, chip) in the source dtype and labels (n, chip, chip) uint8."""
+        """n chips: images (n, B, chip, chip) float32 in raw units and labels (n, chip, chip) uint8.
+
+        With zoom > 1 each chip is cut at a size log-uniform in [chip / zoom, chip * zoom] and resampled to
+        chip (images bilinear with antialiasing, labels nearest), so the model sees each place at several
+        ground sampling distances.
+        """
         classes = rng.choice(len(self.class_p), size=n, p=self.class_p)
         images, labels = [], []
         for k in classes:
             i, flat = self.where[k][rng.integers(len(self.where[k]))]
             item = self.items[i]
             h, w = item.label.shape
+            size = self.chip if self.zoom == 1 else round(self.chip * self.zoom ** rng.uniform(-1, 1))
             r, c = divmod(int(flat), w)
-            top = int(np.clip(r - rng.integers(self.chip), 0, h - self.chip))
-            left = int(np.clip(c - rng.integers(self.chip), 0, w - self.chip))
-            images.append(item.image[:, top : top + self.chip, left : left + self.chip])
-            labels.append(item.label[top : top + self.chip, left : left + self.chip])
+            top = int(np.clip(r - rng.integers(size), 0, h - size))
+            left = int(np.clip(c - rng.integers(size), 0, w - size))
+            image = item.image[:, top : top + size, left : left + size].astype(np.float32)
+            label = item.label[top : top + size, left : left + size]
+            if size != self.chip:
+                image, label = _resample(image, label, self.chip)
+            images.append(image)
+            labels.append(label)
         return np.stack(images), np.stack(labels)
+
+
+def _resample(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A square chip brought to size x size: bilinear with antialiasing for values, nearest for class ids."""
+    import torch
+    import torch.nn.functional as F
+
+    im = F.interpolate(torch.from_numpy(image)[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0].numpy()
+    idx = (np.arange(size) + 0.5) * label.shape[0] / size
+    idx = np.minimum(idx.astype(np.int64), label.shape[0] - 1)
+    return im, label[np.ix_(idx, idx)]
 
 
 def _pad_to(item: LabelledImage, size: int) -> LabelledImage:
@@ -180,11 +203,16 @@ def _pad_to(item: LabelledImage, size: int) -> LabelledImage:
     return LabelledImage(item.name, np.pad(item.image, ((0, 0), (0, ph), (0, pw)), mode="edge"), np.pad(item.label, ((0, ph), (0, pw))))
 
 
-def augment(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, brightness: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Random dihedral transform (flips and 90-degree turns) per chip and, for brightness > 0, a gain in [1-b, 1+b].
+def augment(
+    images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, brightness: float = 0.0, band_jitter: float = 0.0, offset: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random dihedral transform (flips and 90-degree turns) per chip, a gain in [1-b, 1+b] per chip, one in
+    [1-j, 1+j] per band, and an offset in [-o, o] (in raw units) per chip.
 
     Land cover has no up or north in a chip, so all eight orientations are equally valid samples. `images`
-    is float (n, B, h, w) before normalisation, so a gain is a change of illumination.
+    is float (n, B, h, w) before normalisation, so a gain is a change of illumination, per-band gains mimic
+    the atmosphere and season shifting one date's spectra against another's, and an offset mimics processing
+    baselines that differ by a constant (Sentinel-2 L2A added 1000 to every band from baseline 04.00 on).
     """
     out_i, out_l = np.empty_like(images), np.empty_like(labels)
     for j in range(len(images)):
@@ -195,6 +223,10 @@ def augment(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, br
         out_i[j], out_l[j] = im, lab
     if brightness > 0:
         out_i *= rng.uniform(1 - brightness, 1 + brightness, size=(len(images), 1, 1, 1)).astype(out_i.dtype)
+    if band_jitter > 0:
+        out_i *= rng.uniform(1 - band_jitter, 1 + band_jitter, size=(len(images), images.shape[1], 1, 1)).astype(out_i.dtype)
+    if offset > 0:
+        out_i += rng.uniform(-offset, offset, size=(len(images), 1, 1, 1)).astype(out_i.dtype)
     return out_i, out_l
 
 

@@ -31,6 +31,7 @@ from geoseg.model.card import ClassInfo, ModelCard
 from geoseg.model.checkpoint import build_model, read_checkpoint, resolve, save_checkpoint
 from geoseg.model.pretrained import load_encoder
 
+_RESUMABLE = ("epochs", "resume")  # settings a resumed run may change
 NODATA = "invalid pixels are zero-filled after normalisation; the job writes class 0 (nodata) there"
 
 
@@ -65,7 +66,10 @@ class TrainConfig:
     lr: float = 2e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
     weight_decay: float = 1e-4
     balance: float = 0.5  # 0: natural class frequencies; 1: every class drawn equally often
+    zoom: float = 1.0  # chips cut at up to zoom times (or 1/zoom) the chip size and resampled: scale augmentation
     brightness: float = 0.0  # gain augmentation range (+-), for RGB illumination changes
+    band_jitter: float = 0.0  # per-band gain augmentation range (+-), for spectra that shift between dates
+    offset: float = 0.0  # additive augmentation range (+-) in raw units, for processing baselines that differ by a constant
     pretrained: str = ""  # shipped model name, geoseg checkpoint or torchvision/timm ResNet state dict
     freeze_encoder_epochs: int = 0  # keep the (pretrained) encoder fixed for this many epochs first
     tile_size: int = 256  # written into the card for inference
@@ -245,7 +249,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     core = getattr(model, "module", model)
     lookup = class_lookup(card).to(device)
-    sampler = ChipSampler(train_items, card.class_ids, config.chip, config.balance)
+    sampler = ChipSampler(train_items, card.class_ids, config.chip, config.balance, config.zoom)
     total = config.epochs * config.steps_per_epoch
 
     for epoch in range(start_epoch, config.epochs):
@@ -261,14 +265,14 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             optimizer.param_groups[0]["lr"] = 0.0 if frozen else lr
             optimizer.param_groups[1]["lr"] = lr
             raw_chips, labels = sampler.sample(rng, config.batch_size)
-            chips, labels = augment(raw_chips.astype(np.float32), labels, rng, config.brightness)
+            chips, labels = augment(raw_chips, labels, rng, config.brightness, config.band_jitter, config.offset)
             x = torch.from_numpy(card.normalise(chips)).to(device).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(labels).to(device)
             loss = masked_loss(model(x), y, lookup)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
             if rank == 0 and (i + 1) % max(1, config.steps_per_epoch // 4) == 0:
                 print(f"[{config.name}] epoch {epoch + 1}/{config.epochs} step {i + 1}/{config.steps_per_epoch} loss {np.mean(losses[-10:]):.4f}", flush=True)
@@ -293,21 +297,32 @@ def _train_loop(cfg: dict[str, Any]) -> None:
                 flush=True,
             )
             with tempfile.TemporaryDirectory() as d:
-                extra = {"epoch": epoch, "step": step, "best": best, "optimizer": optimizer.state_dict(), "metrics": json.dumps(metrics)}
+                extra = {
+                    "epoch": epoch, "step": step, "best": best, "optimizer": optimizer.state_dict(),
+                    "metrics": json.dumps(metrics), "config": json.dumps(cfg["config"]),
+                }
                 save_checkpoint(Path(d) / "model.pt", card, model, extra)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)
 
 
-def _checkpoints(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(model.pt, metrics) of every checkpoint a run has persisted, oldest epoch first."""
+def _checkpoints(run_dir: Path, config: TrainConfig) -> list[tuple[Path, dict[str, Any]]]:
+    """(model.pt, metrics) of every checkpoint a run has persisted, oldest epoch first.
+
+    A checkpoint made with other settings (anything but epochs and resume) is refused rather than resumed.
+    """
     found = []
+    ours = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in _RESUMABLE}
     for pt in run_dir.glob("checkpoint_*/model.pt"):
         try:
             raw = read_checkpoint(pt, mmap=True)
         except CheckpointError:
             continue  # a checkpoint cut off by a crash; the others remain usable
+        theirs = {k: v for k, v in json.loads(raw["extra"].get("config", "{}")).items() if k not in _RESUMABLE}
+        if theirs != ours:
+            changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+            raise ConfigError(f"{run_dir} holds a run made with other settings ({', '.join(changed)}): set resume = false to start over, or another out")
         found.append((pt, json.loads(raw["extra"]["metrics"])))
     return sorted(found, key=lambda pm: pm[1]["epoch"])
 
@@ -320,11 +335,13 @@ def _init_ray(config: TrainConfig) -> None:
         return
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # progress lines once, not once per log handler
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
         cpus = max(os.cpu_count() or 1, config.num_workers * config.cpus_per_worker)
-        ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="geoseg-ray-"))
+        # the dashboard serves the state API that Ray Train's placement-group cleaner polls every second
+        ray.init(num_cpus=cpus, include_dashboard=True, _temp_dir=tempfile.mkdtemp(prefix="geoseg-ray-"))
 
 
 def train(config: TrainConfig) -> Path:
@@ -338,7 +355,7 @@ def train(config: TrainConfig) -> Path:
     run_dir = out / "ray" / config.name
     if not config.resume and run_dir.exists():
         shutil.rmtree(run_dir)
-    previous = _checkpoints(run_dir)
+    previous = _checkpoints(run_dir, config)
     print(f"[{config.name}] {len(train_items)} training and {len(val_items)} validation images; "
           f"{config.epochs} epochs x {config.steps_per_epoch} steps x {config.batch_size} chips of {config.chip} px on {config.num_workers} worker(s)", flush=True)
     if previous:
@@ -359,7 +376,7 @@ def train(config: TrainConfig) -> Path:
             ),
         )
         trainer.fit()
-    best_pt, metrics = max(_checkpoints(run_dir), key=lambda pm: pm[1]["val_miou"])
+    best_pt, metrics = max(_checkpoints(run_dir, config), key=lambda pm: pm[1]["val_miou"])
     raw = read_checkpoint(best_pt)
     model = build_model(card)
     model.load_state_dict(raw["state_dict"])

@@ -110,3 +110,31 @@ def test_augmentation_keeps_image_and_label_aligned() -> None:
     assert sum((out_l[j] != labels[j]).any() for j in range(16)) > 8  # most chips were turned or flipped
     bright, _ = augment(np.ones((200, 1, 2, 2), np.float32), np.zeros((200, 2, 2), np.uint8), rng, brightness=0.2)
     assert 0.8 <= bright.min() < 0.85 and 1.15 < bright.max() <= 1.2
+
+
+def test_band_jitter_scales_each_band_separately() -> None:
+    out, _ = augment(np.ones((50, 4, 2, 2), np.float32), np.zeros((50, 2, 2), np.uint8), np.random.default_rng(2), band_jitter=0.1)
+    gains = out[:, :, 0, 0]
+    assert 0.9 <= gains.min() and gains.max() <= 1.1
+    assert (gains.std(axis=1) > 0.01).mean() > 0.9  # bands of one chip get different gains
+
+
+def test_offset_shifts_whole_chips_by_one_constant() -> None:
+    out, _ = augment(np.zeros((50, 3, 2, 2), np.float32), np.zeros((50, 2, 2), np.uint8), np.random.default_rng(3), offset=1000)
+    per_chip = out.reshape(50, -1)
+    assert (per_chip == per_chip[:, :1]).all() and np.abs(per_chip).max() <= 1000 and per_chip.std() > 300
+
+
+def test_zoomed_chips_keep_image_and_label_aligned() -> None:
+    """An image whose first band equals its label must still match after resampling at another scale."""
+    label = np.zeros((96, 96), np.uint8)
+    label[:, 48:] = 1
+    label[40:56, :] = 2
+    item = LabelledImage("stripes", np.stack([label, label]).astype(np.uint16) * 100, label)
+    images, labels = ChipSampler([item], np.array([1, 2], np.uint8), chip=32, zoom=2.0).sample(np.random.default_rng(4), 30)
+    assert images.shape == (30, 2, 32, 32) and images.dtype == np.float32
+    agree = np.abs(images[:, 0] - labels * 100.0) < 1
+    assert agree.mean() > 0.9  # bilinear blends only along class edges
+    rows = [(lab == 2).all(1) for lab in labels]
+    inside = [int(r.sum()) for r in rows if r.any() and not r[0] and not r[-1]]
+    assert len(set(inside)) > 3  # the 16-px stripe appears at several thicknesses: several scales

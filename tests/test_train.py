@@ -72,3 +72,5 @@ def test_short_real_training_run_learns_resumes_and_loads(data_dir: Path, ray_se
     train(TrainConfig(**base, epochs=3))  # type: ignore[arg-type]
     last = max((json.loads(read_checkpoint(p)["extra"]["metrics"]) for p in runs[0].parent.parent.glob("checkpoint_*/model.pt")), key=lambda m: m["epoch"])
     assert (last["epoch"], last["first_epoch"]) == (2, 2)  # continued with the third epoch rather than starting over
+    with pytest.raises(ConfigError, match="other settings \\(width\\)"):
+        train(TrainConfig(**{**base, "width": 4}, epochs=4))  # type: ignore[arg-type]

@@ -1,0 +1,120 @@
+"""Benchmark of the shipped models on this machine: training s/epoch, inference Mpx/s, validation mIoU and OA.
+
+    python -m geoseg.bench_model [sentinel2-lulc aerial-rgb]
+
+Each model's training config travels inside its checkpoint, so the benchmark re-reads the same data,
+times real training steps (one worker, in process) and tiled inference over the validation images, and
+scores that inference. It also prints the halo the trained network needs (the radius holding 99% of a
+pixel's input gradient) and the accuracy along tile borders versus tile interiors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from geoseg.datasets import ChipSampler, augment
+from geoseg.evaluate import confusion_matrix, summarise
+from geoseg.model.checkpoint import SHIPPED, build_model, load_model, read_checkpoint
+from geoseg.model.card import ModelCard
+from geoseg.train import TrainConfig, class_lookup, masked_loss, predict_ids, prepare_data
+
+
+def effective_halo(model: torch.nn.Module, bands: int, size: int = 193, mass: float = 0.99) -> int:
+    """Smallest radius around a pixel that holds `mass` of |d logits / d input|: the halo a tile needs."""
+    model.eval()
+    x = torch.randn(1, bands, size, size, requires_grad=True)
+    c = size // 2
+    model(x)[0, :, c, c].abs().sum().backward()
+    g = x.grad.abs().sum((0, 1)).numpy()  # type: ignore[union-attr]
+    yy, xx = np.mgrid[:size, :size]
+    radius = np.maximum(abs(yy - c), abs(xx - c))
+    per_ring = np.bincount(radius.ravel(), weights=g.ravel())
+    return int(np.searchsorted(np.cumsum(per_ring) / per_ring.sum(), mass))
+
+
+def border_mask(shape: tuple[int, int], tile: int, band: int) -> np.ndarray:
+    """Pixels within `band` px of an inner tile border of a grid of `tile`-sized tiles."""
+    h, w = shape
+    rows = np.arange(h) % tile
+    cols = np.arange(w) % tile
+    near_r = ((rows < band) | (rows >= tile - band)) & (np.arange(h) >= band) & (np.arange(h) < h - band)
+    near_c = ((cols < band) | (cols >= tile - band)) & (np.arange(w) >= band) & (np.arange(w) < w - band)
+    return near_r[:, None] | near_c[None, :]
+
+
+def time_training(card: ModelCard, config: TrainConfig, sampler: ChipSampler, steps: int = 5) -> float:
+    """Seconds per training step at the config's batch and chip size (after one warm-up step)."""
+    torch.set_num_threads(config.cpus_per_worker)
+    model = build_model(card).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    lookup = class_lookup(card)
+    rng = np.random.default_rng(0)
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        raw, labels = sampler.sample(rng, config.batch_size)
+        chips, labels = augment(raw, labels, rng, config.brightness, config.band_jitter, config.offset)
+        loss = masked_loss(model(torch.from_numpy(card.normalise(chips))), torch.from_numpy(labels), lookup)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench(name: str) -> dict[str, float]:
+    """One row of the benchmark for a shipped model (or a checkpoint path)."""
+    card, model = load_model(name)
+    extra = read_checkpoint(name)["extra"]
+    config = replace(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(extra["config"]).items()}), data_root="")
+    _, train_items, val_items = prepare_data(config)
+    step_s = time_training(card, config, ChipSampler(train_items, card.class_ids, config.chip, config.balance, config.zoom))
+    torch.set_num_threads(config.cpus_per_worker)
+    cm = np.zeros((256, 256), np.int64)
+    border = np.zeros((256, 256), np.int64)
+    pixels, seconds = 0, 0.0
+    for item in val_items:
+        t0 = time.perf_counter()
+        ids = predict_ids(model, card, item.image)
+        seconds += time.perf_counter() - t0
+        pixels += ids.size
+        cm += confusion_matrix(ids, item.label)
+        near = border_mask(ids.shape, card.tile_size, 8)
+        border += confusion_matrix(np.where(near, ids, 0), np.where(near, item.label, 0))
+    val = summarise(cm)
+    interior = cm - border
+    return {
+        "train_s_per_epoch": step_s * config.steps_per_epoch,
+        "infer_mpx_s": pixels / seconds / 1e6,
+        "val_miou": val["miou"],
+        "val_oa": val["overall_accuracy"],
+        "oa_tile_border": float(np.trace(border) / max(border.sum(), 1)),
+        "oa_tile_interior": float(np.trace(interior) / max(interior.sum(), 1)),
+        "border_pixels": int(border.sum()),
+        "needed_halo": effective_halo(model, len(card.bands)),
+        "card_halo": card.halo,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print one line per model."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", default=sorted(SHIPPED))
+    args = parser.parse_args(argv)
+    for name in args.models:
+        r = bench(name)
+        print(
+            f"{name}: train {r['train_s_per_epoch']:.1f} s/epoch, infer {r['infer_mpx_s']:.2f} Mpx/s, "
+            f"val mIoU {r['val_miou']:.3f}, OA {r['val_oa']:.3f}; OA at tile borders (+-8 px) {r['oa_tile_border']:.3f} "
+            f"({r['border_pixels']} px) vs interiors {r['oa_tile_interior']:.3f}; 99% receptive radius {r['needed_halo']} px (card halo {r['card_halo']})",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
