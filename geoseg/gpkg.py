@@ -1,0 +1,160 @@
+"""Streaming, atomic GeoPackage writer.
+
+Features arrive in batches and are appended to a temporary GeoPackage beside the target; ``commit``
+flushes it, syncs it to disk and renames it over the target in one ``os.replace``. A crash at any
+moment therefore leaves the previous file (or none) or the complete new one, never a truncated one.
+The sink follows the usual lifecycle: open, write, commit, or abort on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import pyogrio.raw
+import shapely
+
+from geoseg.errors import ConfigError
+
+FIELD_TYPES = ("int64", "float64", "str")
+
+
+class GpkgWriter:
+    """Appends polygon batches to one GeoPackage layer and publishes the file whole on commit.
+
+    ``fields`` maps column name to one of ``FIELD_TYPES``; ``metadata`` lands in the GeoPackage's
+    metadata table (``gpkg_metadata``), where GDAL and QGIS show it as the dataset's metadata.
+    Memory is bounded by ``batch_size`` features: the buffer is flushed whenever it reaches it.
+    """
+
+    def __init__(self, path: str | Path, layer: str, crs_wkt: str, fields: Mapping[str, str],
+                 metadata: Mapping[str, str] | None = None, batch_size: int = 20_000) -> None:
+        unknown = {k: v for k, v in fields.items() if v not in FIELD_TYPES}
+        if unknown:
+            raise ConfigError(f"unsupported GeoPackage field types {unknown}: use one of {FIELD_TYPES}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise ConfigError(f"output folder {self.path.parent} does not exist: create it or choose another --out")
+        self.layer = layer
+        self.crs_wkt = crs_wkt
+        self.fields = dict(fields)
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self.batch_size = batch_size
+        self.tmp_path = self.path.with_name(f".{self.path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.gpkg")
+        self.count = 0
+        self._created = False
+        self._closed = False
+        self._geoms: list[np.ndarray] = []
+        self._cols: dict[str, list[np.ndarray]] = {k: [] for k in self.fields}
+        self._buffered = 0
+
+    def __enter__(self) -> GpkgWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def write(self, geometries: np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
+        """Buffer one batch of (Multi)Polygons with their columns; flush when the buffer is full."""
+        if self._closed:
+            raise ConfigError("GpkgWriter already committed or aborted: open a new writer")
+        geometries = np.asarray(geometries, dtype=object)
+        if set(columns) != set(self.fields):
+            raise ConfigError(f"columns {sorted(columns)} do not match the layer's fields {sorted(self.fields)}")
+        for name, values in columns.items():
+            if len(values) != len(geometries):
+                raise ConfigError(f"column {name} has {len(values)} values for {len(geometries)} geometries")
+        if len(geometries) == 0:
+            return
+        self._geoms.append(geometries)
+        for name, values in columns.items():
+            self._cols[name].append(np.asarray(values))
+        self._buffered += len(geometries)
+        if self._buffered >= self.batch_size:
+            self._flush()
+
+    def commit(self) -> None:
+        """Write what is buffered, make sure the layer exists, sync, and rename over the target."""
+        if self._closed:
+            raise ConfigError("GpkgWriter already committed or aborted")
+        try:
+            self._flush()
+            if not self._created:
+                self._append(np.empty(0, dtype=object), {k: _empty(v) for k, v in self.fields.items()})
+            with open(self.tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp_path, self.path)
+            _fsync_dir(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def abort(self) -> None:
+        """Drop the temporary file; the target is left as it was."""
+        self._closed = True
+        self._geoms.clear()
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(str(self.tmp_path) + suffix).unlink(missing_ok=True)
+
+    def _flush(self) -> None:
+        if not self._buffered:
+            return
+        geoms = np.concatenate(self._geoms)
+        cols = {k: np.concatenate(v) for k, v in self._cols.items()}
+        self._geoms.clear()
+        for v in self._cols.values():
+            v.clear()
+        self._buffered = 0
+        self._append(geoms, cols)
+
+    def _append(self, geoms: np.ndarray, cols: Mapping[str, np.ndarray]) -> None:
+        names = list(self.fields)
+        data = [_column(cols[k], self.fields[k]) for k in names]
+        wkb = shapely.to_wkb(_as_multi(geoms))
+        kwargs: dict[str, object] = {}
+        if not self._created:
+            kwargs = {"dataset_metadata": self.metadata or None,
+                      "layer_options": {"SPATIAL_INDEX": "YES", "GEOMETRY_NAME": "geom"}}
+        pyogrio.raw.write(str(self.tmp_path), wkb, data, names, layer=self.layer, driver="GPKG",
+                          geometry_type="MultiPolygon", crs=self.crs_wkt, append=self._created, **kwargs)
+        self._created = True
+        self.count += len(geoms)
+
+
+def _as_multi(geoms: np.ndarray) -> np.ndarray:
+    """Every feature as a MultiPolygon, so that the layer has one geometry type."""
+    out = np.empty(len(geoms), dtype=object)
+    for i, g in enumerate(geoms):
+        out[i] = g if g.geom_type == "MultiPolygon" else shapely.MultiPolygon([g])
+    return out
+
+
+def _column(values: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "int64":
+        return np.asarray(values, dtype=np.int64)
+    if kind == "float64":
+        return np.asarray(values, dtype=np.float64)
+    return np.asarray(values, dtype=object)
+
+
+def _empty(kind: str) -> np.ndarray:
+    return np.empty(0, dtype=object if kind == "str" else kind)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

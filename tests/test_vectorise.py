@@ -1,0 +1,289 @@
+"""The blockwise vectoriser equals one whole-raster rasterio.features.shapes call, block size regardless."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import rasterio.features
+import shapely
+from affine import Affine
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from shapely.geometry import shape
+
+from conftest import write_raster
+from geoseg.errors import ConfigError
+from geoseg.vectorise import CLASS_NAMES_TAG, load_legend, vectorise
+
+TRANSFORM = Affine(10, 0, 500000, 0, -10, 5650000)
+PIXEL_M2 = 100.0
+
+
+def write_classes(path: Path, a: np.ndarray, names: dict[int, str] | None = None,
+                  transform: Affine = TRANSFORM) -> str:
+    write_raster(path, a[None].astype(np.uint8), transform=transform)
+    if names is not None:
+        with rasterio.open(path, "r+") as dst:
+            dst.update_tags(**{CLASS_NAMES_TAG: json.dumps({str(k): v for k, v in names.items()})})
+    return str(path)
+
+
+def reference(a: np.ndarray, connectivity: int, transform: Affine = TRANSFORM) -> tuple[np.ndarray, np.ndarray]:
+    """The whole-raster polygons (made valid) and their classes: what the blockwise result must equal."""
+    geoms, values = [], []
+    for g, v in rasterio.features.shapes(a, mask=a > 0, connectivity=connectivity, transform=transform):
+        geoms.append(shapely.make_valid(shape(g)))
+        values.append(int(v))
+    return np.array(geoms, dtype=object), np.array(values, dtype=np.int64)
+
+
+def assert_equal_to_whole(gdf: gpd.GeoDataFrame, a: np.ndarray, connectivity: int,
+                          transform: Affine = TRANSFORM) -> None:
+    """Same count per class, each reference polygon matched one-to-one by an identical geometry."""
+    ref, ref_cls = reference(a, connectivity, transform)
+    assert gdf.geometry.is_valid.all()
+    assert len(gdf) == len(ref)
+    got = np.asarray(gdf.geometry.values, dtype=object)
+    got_cls = gdf.class_id.to_numpy()
+    pixel = abs(transform.determinant)
+    for c in np.unique(a[a > 0]):
+        assert (got_cls == c).sum() == (ref_cls == c).sum()
+        assert gdf.area_m2[got_cls == c].sum() == pytest.approx((a == c).sum() * pixel, rel=1e-12)
+    tree = shapely.STRtree(got)
+    used = np.zeros(len(got), dtype=bool)
+    for g, c in zip(ref, ref_cls):
+        hits = [i for i in tree.query(shapely.point_on_surface(g), predicate="intersects")
+                if got_cls[i] == c and not used[i]]
+        match = [i for i in hits if shapely.symmetric_difference(got[i], g).area < 1e-6 * pixel]
+        assert len(match) == 1, f"no unique match for a class {c} polygon of area {g.area}"
+        used[match[0]] = True
+        assert gdf.area_m2.iloc[match[0]] == pytest.approx(g.area, rel=1e-9)
+
+
+def run(tmp_path: Path, a: np.ndarray, **kw: object) -> tuple[gpd.GeoDataFrame, dict[str, float]]:
+    src = write_classes(tmp_path / "classes.tif", a)
+    out = tmp_path / "out.gpkg"
+    areas = vectorise(src, out, **kw)  # type: ignore[arg-type]
+    return gpd.read_file(out, layer="landcover"), areas
+
+
+# --- hand-made cases at block borders -------------------------------------------------------------------------
+
+RING = np.array([
+    [0, 0, 0, 0, 0, 0, 0, 0],
+    [0, 2, 2, 2, 2, 2, 2, 0],
+    [0, 2, 1, 1, 1, 1, 2, 0],
+    [0, 2, 1, 0, 0, 1, 2, 0],
+    [0, 2, 1, 0, 3, 1, 2, 0],
+    [0, 2, 1, 1, 1, 1, 2, 0],
+    [0, 2, 2, 2, 2, 2, 2, 0],
+    [0, 0, 0, 0, 0, 0, 0, 0],
+], dtype=np.uint8)
+
+# diagonal contacts across a block corner at (2, 2): one region under 8-connectivity, four under 4
+DIAGONAL = np.array([
+    [1, 1, 0, 0],
+    [1, 1, 0, 0],
+    [0, 0, 1, 1],
+    [0, 0, 1, 1],
+], dtype=np.uint8)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("block_size", [1, 2, 3, 5, 8])
+def test_rings_around_holes_across_blocks(tmp_path: Path, connectivity: int, block_size: int) -> None:
+    gdf, _ = run(tmp_path, RING, block_size=block_size, connectivity=connectivity)
+    assert_equal_to_whole(gdf, RING, connectivity)
+    ring = gdf[gdf.class_id == 2].geometry.iloc[0]
+    assert len(shapely.get_parts(ring)) == 1 and len(ring.geoms[0].interiors) == 1
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3])
+def test_diagonal_contact_across_block_corner(tmp_path: Path, block_size: int) -> None:
+    gdf8, _ = run(tmp_path, DIAGONAL, block_size=block_size, connectivity=8)
+    assert len(gdf8) == 1 and len(gdf8.geometry.iloc[0].geoms) == 2  # one region, a valid multipolygon
+    assert_equal_to_whole(gdf8, DIAGONAL, 8)
+    gdf4, _ = run(tmp_path, DIAGONAL, block_size=block_size, connectivity=4)
+    assert len(gdf4) == 2
+    assert_equal_to_whole(gdf4, DIAGONAL, 4)
+
+
+def test_anti_diagonal_contact_across_block_corner(tmp_path: Path) -> None:
+    a = DIAGONAL[:, ::-1].copy()
+    gdf, _ = run(tmp_path, a, block_size=2, connectivity=8)
+    assert len(gdf) == 1
+    assert_equal_to_whole(gdf, a, 8)
+
+
+def test_self_touching_region_is_one_valid_feature(tmp_path: Path) -> None:
+    a = np.array([[0, 1, 0], [1, 2, 1], [0, 1, 0]], dtype=np.uint8)  # an 8-connected diamond around a hole
+    gdf, _ = run(tmp_path, a, block_size=8, connectivity=8)
+    assert (gdf.class_id == 1).sum() == 1 and gdf.geometry.is_valid.all()
+    assert_equal_to_whole(gdf, a, 8)
+
+
+# --- property tests: random rasters, tiny blocks ----------------------------------------------------------------
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@st.composite
+def class_rasters(draw: st.DrawFn) -> np.ndarray:
+    h = draw(st.integers(1, 20))
+    w = draw(st.integers(1, 20))
+    k = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, k + 1, (h, w)).astype(np.uint8)
+    if draw(st.booleans()):  # blobs: regions spanning several blocks
+        cell = draw(st.integers(2, 5))
+        a = np.kron(rng.integers(0, k + 1, (h // cell + 1, w // cell + 1)), np.ones((cell, cell)))[:h, :w]
+    return a.astype(np.uint8)
+
+
+@SETTINGS
+@given(a=class_rasters(), block_size=st.integers(1, 9), connectivity=st.sampled_from([4, 8]))
+def test_random_rasters_equal_whole_raster(tmp_path: Path, a: np.ndarray, block_size: int, connectivity: int) -> None:
+    gdf, areas = run(tmp_path, a, block_size=block_size, connectivity=connectivity)
+    assert_equal_to_whole(gdf, a, connectivity)
+    assert areas == pytest.approx({f"class_{c}": (a == c).sum() * PIXEL_M2 for c in np.unique(a[a > 0])})
+
+
+@st.composite
+def border_lines(draw: st.DrawFn) -> tuple[np.ndarray, int]:
+    """1-pixel lines on both sides of block borders, and rings around holes crossing several blocks."""
+    b = draw(st.integers(2, 6))
+    h = draw(st.integers(b + 1, 4 * b))
+    w = draw(st.integers(b + 1, 4 * b))
+    a = np.full((h, w), draw(st.integers(0, 1)), dtype=np.uint8)
+    for _ in range(draw(st.integers(1, 4))):
+        cls = draw(st.integers(2, 3))
+        k = draw(st.integers(1, max(1, min(h, w) // b)))
+        at = min(k * b - draw(st.integers(0, 1)), min(h, w) - 1)
+        if draw(st.booleans()):
+            a[at, draw(st.integers(0, w - 1)):] = cls
+        else:
+            a[draw(st.integers(0, h - 1)):, at] = cls
+    if draw(st.booleans()):
+        r0, c0 = draw(st.integers(0, h - 3)), draw(st.integers(0, w - 3))
+        r1, c1 = draw(st.integers(r0 + 2, h - 1)), draw(st.integers(c0 + 2, w - 1))
+        a[r0:r1 + 1, c0:c1 + 1] = 4
+        a[r0 + 1:r1, c0 + 1:c1] = draw(st.sampled_from([0, 1, 5]))
+    return a, b
+
+
+@SETTINGS
+@given(case=border_lines(), connectivity=st.sampled_from([4, 8]))
+def test_thin_shapes_along_block_borders(tmp_path: Path, case: tuple[np.ndarray, int], connectivity: int) -> None:
+    a, b = case
+    gdf, _ = run(tmp_path, a, block_size=b, connectivity=connectivity)
+    assert_equal_to_whole(gdf, a, connectivity)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), block_size=st.integers(1, 4), n=st.integers(2, 12))
+def test_diagonal_patterns_under_8_connectivity(tmp_path: Path, seed: int, block_size: int, n: int) -> None:
+    rng = np.random.default_rng(seed)
+    checker = (np.add.outer(np.arange(n), np.arange(n)) % 2).astype(np.uint8)  # pure diagonal contacts
+    a = np.where(rng.random((n, n)) < 0.8, checker * rng.integers(1, 3), 0).astype(np.uint8)
+    gdf, _ = run(tmp_path, a, block_size=block_size, connectivity=8)
+    assert_equal_to_whole(gdf, a, 8)
+
+
+# --- the layer, the attributes, the interface ---------------------------------------------------------------------
+
+def test_layer_columns_metadata_index_and_confidence(tmp_path: Path) -> None:
+    a = np.kron(np.array([[1, 2], [3, 1]], dtype=np.uint8), np.ones((5, 5), dtype=np.uint8))
+    conf = np.arange(a.size, dtype=np.uint8).reshape(a.shape)
+    src = write_classes(tmp_path / "c.tif", a, names={1: "forest", 2: "water", 3: "urban"})
+    conf_path = write_raster(tmp_path / "conf.tif", conf[None])
+    out = tmp_path / "o.gpkg"
+    meta = {"run_id": "r-42", "model_name": "sentinel2-lulc", "model_version": "3"}
+    areas = vectorise(src, out, confidence_path=str(conf_path), block_size=3, metadata=meta)
+    info = pyogrio.read_info(out, layer="landcover")
+    assert list(info["fields"]) == ["class_id", "class_name", "area_m2", "mean_confidence"]
+    assert info["dataset_metadata"] == meta
+    assert rasterio.crs.CRS.from_user_input(info["crs"]) == rasterio.crs.CRS.from_epsg(32633)
+    gdf = gpd.read_file(out, layer="landcover")
+    assert areas == {"forest": 50 * PIXEL_M2, "water": 25 * PIXEL_M2, "urban": 25 * PIXEL_M2}
+    for _, row in gdf.iterrows():
+        mask = rasterio.features.geometry_mask([row.geometry], a.shape, TRANSFORM, invert=True)
+        assert row.mean_confidence == pytest.approx(conf[mask].mean() / 255)
+    assert dict(zip(gdf.class_id, gdf.class_name)) == {1: "forest", 2: "water", 3: "urban"}
+    import sqlite3
+
+    with sqlite3.connect(out) as db:
+        assert db.execute("select count(*) from gpkg_extensions where extension_name='gpkg_rtree_index' "
+                          "and table_name='landcover'").fetchone()[0] == 1
+        assert db.execute("select count(*) from rtree_landcover_geom").fetchone()[0] == len(gdf)
+
+
+def test_names_from_argument_then_tag_then_default(tmp_path: Path) -> None:
+    a = np.array([[1, 2]], dtype=np.uint8)
+    src = write_classes(tmp_path / "c.tif", a, names={1: "tagged one"})
+    assert set(vectorise(src, tmp_path / "a.gpkg")) == {"tagged one", "class_2"}
+    assert set(vectorise(src, tmp_path / "b.gpkg", {1: "given", 2: "given too"})) == {"given", "given too"}
+    plain = write_classes(tmp_path / "p.tif", a)
+    gdf = (vectorise(plain, tmp_path / "c.gpkg"), gpd.read_file(tmp_path / "c.gpkg"))[1]
+    assert set(gdf.class_name) == {"class_1", "class_2"} and gdf.mean_confidence.isna().all()
+
+
+def test_load_legend_both_forms(tmp_path: Path, data_dir: Path) -> None:
+    assert load_legend(data_dir / "sentinel2_strzegom" / "classes.json")[1] == "conifer forest"
+    (tmp_path / "l.json").write_text(json.dumps({"1": "a", "7": "b"}))
+    assert load_legend(tmp_path / "l.json") == {1: "a", 7: "b"}
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        load_legend(tmp_path / "bad.json")
+
+
+def test_bad_settings_and_rasters_raise_config_error(tmp_path: Path) -> None:
+    a = np.array([[1, 2]], dtype=np.uint8)
+    src = write_classes(tmp_path / "c.tif", a)
+    with pytest.raises(ConfigError, match="connectivity"):
+        vectorise(src, tmp_path / "o.gpkg", connectivity=6)
+    with pytest.raises(ConfigError, match="block size"):
+        vectorise(src, tmp_path / "o.gpkg", block_size=0)
+    geo = write_raster(tmp_path / "g.tif", a[None], crs="EPSG:4326", transform=Affine(0.1, 0, 10, 0, -0.1, 50))
+    with pytest.raises(ConfigError, match="projected CRS"):
+        vectorise(str(geo), tmp_path / "o.gpkg")
+    floats = write_raster(tmp_path / "f.tif", a[None].astype(np.float32))
+    with pytest.raises(ConfigError, match="integer class ids"):
+        vectorise(str(floats), tmp_path / "o.gpkg")
+    conf = write_raster(tmp_path / "conf.tif", np.zeros((1, 2, 2), np.uint8))
+    with pytest.raises(ConfigError, match="not on the grid"):
+        vectorise(src, tmp_path / "o.gpkg", confidence_path=str(conf))
+    assert not (tmp_path / "o.gpkg").exists()
+
+
+def test_ray_tasks_give_the_same_result(tmp_path: Path, ray_session: None) -> None:
+    import ray
+
+    assert ray.is_initialized()
+    rng = np.random.default_rng(7)
+    a = np.kron(rng.integers(0, 4, (12, 12)), np.ones((3, 3))).astype(np.uint8)
+    for connectivity in (4, 8):
+        gdf, _ = run(tmp_path, a, block_size=7, connectivity=connectivity)
+        assert_equal_to_whole(gdf, a, connectivity)
+
+
+# --- real class rasters -------------------------------------------------------------------------------------------
+
+def real_classes(data_dir: Path) -> tuple[np.ndarray, Affine]:
+    """A real class raster: the Strzegom labels (float32 class ids, 0 = unlabelled) cast to uint8."""
+    with rasterio.open(data_dir / "sentinel2_strzegom" / "labels" / "strzegom_20230530_33u.tif") as src:
+        return src.read(1).astype(np.uint8), src.transform
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_real_label_raster_equals_whole_raster(tmp_path: Path, data_dir: Path, connectivity: int) -> None:
+    a, transform = real_classes(data_dir)
+    src = write_classes(tmp_path / "c.tif", a, transform=transform)
+    vectorise(src, tmp_path / "o.gpkg", block_size=37, connectivity=connectivity)
+    assert_equal_to_whole(gpd.read_file(tmp_path / "o.gpkg"), a, connectivity, transform)
