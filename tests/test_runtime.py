@@ -167,8 +167,8 @@ def plain_copy(src: Path, dst: Path) -> Path:
     with rasterio.open(src) as s:
         profile = {**s.profile, "tiled": False, "compress": None}
         with rasterio.open(dst, "w", **profile) as d:
+            d.descriptions = s.descriptions  # set before the pixels, so GDAL keeps the header in front
             d.write(s.read())
-            d.descriptions = s.descriptions
     return dst
 
 
