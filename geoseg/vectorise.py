@@ -36,6 +36,7 @@ from affine import Affine
 from rasterio.windows import Window
 from shapely.geometry import shape
 
+from geoseg import storage
 from geoseg.errors import ConfigError
 from geoseg.gpkg import GpkgWriter
 
@@ -531,7 +532,7 @@ class BlockTask:
 
 
 def _read(path: str, win: BlockWindow) -> np.ndarray:
-    with rasterio.open(path) as src:
+    with rasterio.Env(**storage.gdal_options()), rasterio.open(path) as src:
         return src.read(1, window=Window(win.col_off, win.row_off, win.width, win.height))
 
 
@@ -564,7 +565,7 @@ def map_blocks(fn: Callable[[BlockTask], T], tasks: Sequence[BlockTask]) -> Iter
     if not ray.is_initialized():
         yield from map(fn, tasks)
         return
-    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+    remote = ray.remote(num_cpus=1, max_retries=2, runtime_env={"env_vars": storage.forwarded_env()})(fn)
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: deque[ray.ObjectRef] = deque()
     for task in tasks:
@@ -590,7 +591,7 @@ class RasterInfo:
 def read_info(classes_path: str, confidence_path: str | None) -> RasterInfo:
     """Open the rasters' headers only, and refuse what cannot give correct polygons and areas."""
     try:
-        with rasterio.open(classes_path) as src:
+        with rasterio.Env(**storage.gdal_options()), rasterio.open(classes_path) as src:
             if not np.issubdtype(np.dtype(src.dtypes[0]), np.integer) or np.dtype(src.dtypes[0]).itemsize > 4:
                 raise ConfigError(f"{classes_path} has dtype {src.dtypes[0]}: vectorise needs integer class ids "
                                   "(uint8, 0 = nodata); convert it, e.g. gdal_translate -ot Byte")
@@ -604,7 +605,7 @@ def read_info(classes_path: str, confidence_path: str | None) -> RasterInfo:
             info = RasterInfo(src.height, src.width, src.transform, src.crs.to_wkt(),
                               float(src.crs.linear_units_factor[1]), names)
         if confidence_path is not None:
-            with rasterio.open(confidence_path) as conf:
+            with rasterio.Env(**storage.gdal_options()), rasterio.open(confidence_path) as conf:
                 if (conf.height, conf.width) != (info.height, info.width) or not conf.transform.almost_equals(
                         info.transform):
                     raise ConfigError(f"confidence raster {confidence_path} is not on the grid of {classes_path}: "
