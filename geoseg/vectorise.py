@@ -486,6 +486,10 @@ def simplify_coverage(geoms: np.ndarray, tolerance_px: float) -> np.ndarray:
     Pixel polygons only have vertices at their corners, so an edge shared by two polygons may have a
     vertex on one side only; densifying to every pixel corner (exact integers) makes the coverage
     edge-matched, as ``coverage_simplify`` requires. The outer boundary (raster edge, nodata) is kept.
+
+    Stated area tolerance: each class's area changes by at most ``tolerance**2`` per pixel of its
+    boundary length (every removed vertex moves a triangle smaller than ``tolerance**2`` from one
+    polygon to its neighbour, and a densified boundary has one vertex per pixel edge).
     """
     if len(geoms) == 0:
         return geoms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -230,7 +231,8 @@ def test_names_from_argument_then_tag_then_default(tmp_path: Path) -> None:
     assert set(vectorise(src, tmp_path / "a.gpkg")) == {"tagged one", "class_2"}
     assert set(vectorise(src, tmp_path / "b.gpkg", {1: "given", 2: "given too"})) == {"given", "given too"}
     plain = write_classes(tmp_path / "p.tif", a)
-    gdf = (vectorise(plain, tmp_path / "c.gpkg"), gpd.read_file(tmp_path / "c.gpkg"))[1]
+    vectorise(plain, tmp_path / "c.gpkg")
+    gdf = gpd.read_file(tmp_path / "c.gpkg")
     assert set(gdf.class_name) == {"class_1", "class_2"} and gdf.mean_confidence.isna().all()
 
 
@@ -275,15 +277,181 @@ def test_ray_tasks_give_the_same_result(tmp_path: Path, ray_session: None) -> No
 
 # --- real class rasters -------------------------------------------------------------------------------------------
 
-def real_classes(data_dir: Path) -> tuple[np.ndarray, Affine]:
-    """A real class raster: the Strzegom labels (float32 class ids, 0 = unlabelled) cast to uint8."""
-    with rasterio.open(data_dir / "sentinel2_strzegom" / "labels" / "strzegom_20230530_33u.tif") as src:
-        return src.read(1).astype(np.uint8), src.transform
+WEIGHTS = Path(__file__).resolve().parents[1] / "geoseg" / "model" / "weights" / "sentinel2-lulc.pt"
+
+
+@functools.lru_cache(maxsize=None)
+def predicted_classes(data_dir: Path, date: str) -> tuple[np.ndarray, np.ndarray, Affine]:
+    """Real class raster and confidence of one Strzegom scene: the shipped model's prediction, or, while no
+    model is shipped, the scene's real label raster (float32 class ids cast to uint8, confidence absent = 0)."""
+    folder = data_dir / "sentinel2_strzegom"
+    if not WEIGHTS.exists():
+        with rasterio.open(folder / "labels" / f"strzegom_{date}_33u.tif") as src:
+            return src.read(1).astype(np.uint8), np.zeros((src.height, src.width), np.uint8), src.transform
+    import torch
+
+    from geoseg.infer import predict
+    from geoseg.model.checkpoint import load_model
+
+    card, model = load_model(WEIGHTS)
+    with rasterio.open(folder / "scenes" / f"strzegom_{date}_33u.tif") as src:
+        x, transform = card.normalise(src.read())[None], src.transform
+    classes, conf = predict(model, torch.from_numpy(x), torch.from_numpy(card.class_ids))
+    return classes[0].numpy(), conf[0].numpy(), transform
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
-def test_real_label_raster_equals_whole_raster(tmp_path: Path, data_dir: Path, connectivity: int) -> None:
-    a, transform = real_classes(data_dir)
+def test_real_predictions_equal_whole_raster(tmp_path: Path, data_dir: Path, connectivity: int) -> None:
+    a, conf, transform = predicted_classes(data_dir, "20230530")
     src = write_classes(tmp_path / "c.tif", a, transform=transform)
-    vectorise(src, tmp_path / "o.gpkg", block_size=37, connectivity=connectivity)
-    assert_equal_to_whole(gpd.read_file(tmp_path / "o.gpkg"), a, connectivity, transform)
+    conf_path = write_raster(tmp_path / "conf.tif", conf[None], transform=transform)
+    areas = vectorise(src, tmp_path / "o.gpkg", load_legend(data_dir / "sentinel2_strzegom" / "classes.json"),
+                      confidence_path=str(conf_path), block_size=64, connectivity=connectivity)
+    gdf = gpd.read_file(tmp_path / "o.gpkg")
+    assert_equal_to_whole(gdf, a, connectivity, transform)
+    assert sum(areas.values()) == pytest.approx((a > 0).sum() * abs(transform.determinant))
+    big = gdf.loc[gdf.area_m2.idxmax()]
+    mask = rasterio.features.geometry_mask([big.geometry], a.shape, transform, invert=True)
+    assert big.mean_confidence == pytest.approx(conf[mask].mean() / 255)
+
+
+def test_larger_raster_assembled_from_real_predictions(tmp_path: Path, data_dir: Path) -> None:
+    """Four dates mirrored into a 2 x 2 mosaic (802 x 802 px): regions cross the mosaic's seams and many blocks."""
+    tiles = [predicted_classes(data_dir, d)[0] for d in ("20230530", "20220719", "20221012", "20210619")]
+    a = np.block([[tiles[0], tiles[1][:, ::-1]], [tiles[2][::-1], tiles[3][::-1, ::-1]]])
+    for connectivity in (4, 8):
+        gdf, _ = run(tmp_path, a, block_size=150, connectivity=connectivity)
+        assert_equal_to_whole(gdf, a, connectivity)
+
+
+# --- minimum mapping unit -----------------------------------------------------------------------------------------
+
+def naive_label(a: np.ndarray, connectivity: int) -> np.ndarray:
+    """Connected regions of equal class by flood fill: an independent reference for the tests."""
+    steps = [(0, 1), (1, 0), (0, -1), (-1, 0)] + ([(1, 1), (1, -1), (-1, 1), (-1, -1)] if connectivity == 8 else [])
+    labels = np.zeros(a.shape, dtype=np.int64)
+    n = 0
+    for r0, c0 in zip(*np.nonzero(a)):
+        if labels[r0, c0]:
+            continue
+        n += 1
+        labels[r0, c0] = n
+        stack = [(r0, c0)]
+        while stack:
+            r, c = stack.pop()
+            for dr, dc in steps:
+                rr, cc = r + dr, c + dc
+                if 0 <= rr < a.shape[0] and 0 <= cc < a.shape[1] and not labels[rr, cc] and a[rr, cc] == a[r, c]:
+                    labels[rr, cc] = n
+                    stack.append((rr, cc))
+    return labels
+
+
+def naive_sieve(a: np.ndarray, connectivity: int, min_pixels: int) -> np.ndarray:
+    """The documented rule on the whole raster, one merge at a time, relabelling after every merge."""
+    a = a.copy()
+    while True:
+        labels = naive_label(a, connectivity)
+        ids, first, area = np.unique(labels, return_index=True, return_counts=True)
+        info = {int(i): (int(n), int(f)) for i, f, n in zip(ids, first, area) if i}
+        shared: dict[int, dict[int, int]] = {i: {} for i in info}
+        for x, y in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+            for p, q in zip(x.ravel(), y.ravel()):
+                if p and q and p != q:
+                    shared[p][q] = shared[p].get(q, 0) + 1
+                    shared[q][p] = shared[q].get(p, 0) + 1
+        small = sorted((n, f, i) for i, (n, f) in info.items() if n < min_pixels and shared[i])
+        if not small:
+            return a
+        _, _, i = small[0]
+        target = max(shared[i], key=lambda j: (info[j][0], shared[i][j], -info[j][1]))
+        a[labels == i] = a.flat[info[target][1]]
+
+
+def rasterise_layer(gdf: gpd.GeoDataFrame, shape_: tuple[int, int], transform: Affine = TRANSFORM) -> np.ndarray:
+    return rasterio.features.rasterize(zip(gdf.geometry, gdf.class_id), out_shape=shape_, transform=transform,
+                                       dtype="uint8")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(a=class_rasters(), block_size=st.integers(1, 7), connectivity=st.sampled_from([4, 8]),
+       min_pixels=st.integers(2, 9))
+def test_mmu_equals_whole_raster_sieve(tmp_path: Path, a: np.ndarray, block_size: int, connectivity: int,
+                                       min_pixels: int) -> None:
+    gdf, _ = run(tmp_path, a, block_size=block_size, connectivity=connectivity, min_area_m2=min_pixels * PIXEL_M2)
+    sieved = naive_sieve(a, connectivity, min_pixels)
+    assert np.array_equal(rasterise_layer(gdf, a.shape), sieved)
+    assert_equal_to_whole(gdf, sieved, connectivity)  # exactly the polygons of the sieved raster
+
+
+def test_mmu_judges_whole_patches_not_pieces(tmp_path: Path) -> None:
+    a = np.ones((6, 6), dtype=np.uint8)
+    a[1:3, 1:4] = 2  # 6 px, cut by block borders (block 2) into pieces of 2 px
+    a[4, 4] = 3  # 1 px
+    gdf, areas = run(tmp_path, a, block_size=2, min_area_m2=5 * PIXEL_M2)
+    assert set(gdf.class_id) == {1, 2}  # the 6 px patch stays whole, the 1 px one is merged
+    assert areas == {"class_1": 30 * PIXEL_M2, "class_2": 6 * PIXEL_M2}
+    assert len(gdf) == 2
+    gdf7, _ = run(tmp_path, a, block_size=2, min_area_m2=7 * PIXEL_M2)
+    assert set(gdf7.class_id) == {1} and len(gdf7) == 1
+
+
+def test_mmu_merge_joins_the_neighbours_it_connects(tmp_path: Path) -> None:
+    a = np.array([[1, 1, 3, 3, 3],
+                  [1, 1, 2, 1, 1],
+                  [1, 1, 3, 3, 3]], dtype=np.uint8)
+    gdf, _ = run(tmp_path, a, block_size=2, min_area_m2=2 * PIXEL_M2)
+    # the 1 px of class 2 takes the class of its largest neighbour (6 px of class 1 on the left), and so
+    # joins that neighbour and the 2 px of class 1 on its right into one patch, as in the sieved raster
+    assert (gdf.class_id == 2).sum() == 0
+    assert (gdf.class_id == 1).sum() == 1 and gdf[gdf.class_id == 1].area_m2.sum() == 9 * PIXEL_M2
+
+
+def test_mmu_keeps_islands_in_nodata(tmp_path: Path) -> None:
+    a = np.zeros((5, 5), dtype=np.uint8)
+    a[2, 2] = 4
+    gdf, _ = run(tmp_path, a, block_size=2, min_area_m2=10 * PIXEL_M2)
+    assert list(gdf.class_id) == [4]
+
+
+# --- coverage-preserving simplification ---------------------------------------------------------------------------
+
+def assert_coverage_after_simplify(gdf: gpd.GeoDataFrame, a: np.ndarray, tolerance_m: float,
+                                   transform: Affine = TRANSFORM) -> None:
+    """No gaps, no overlaps, the raster's footprint kept, each class area within the stated bound."""
+    ref, ref_cls = reference(a, 4, transform)
+    pixel = abs(transform.determinant)
+    geoms = np.asarray(gdf.geometry.values, dtype=object)
+    assert shapely.is_valid(geoms).all()
+    union = shapely.union_all(geoms)
+    assert shapely.symmetric_difference(union, shapely.union_all(ref)).area < 1e-6 * pixel  # footprint, no gaps
+    assert shapely.area(geoms).sum() == pytest.approx(union.area, rel=1e-9)  # no overlaps
+    tree = shapely.STRtree(geoms)
+    left, right = tree.query(geoms, predicate="intersects")
+    pairs = left < right
+    assert shapely.area(shapely.intersection(geoms[left[pairs]], geoms[right[pairs]])).max(initial=0) < 1e-6 * pixel
+    for c in np.unique(ref_cls):
+        perimeter_px = shapely.length(ref[ref_cls == c]).sum() / np.sqrt(pixel)
+        bound = (tolerance_m ** 2) * perimeter_px  # the bound stated in simplify_coverage's docstring
+        assert abs(gdf.area_m2[gdf.class_id == c].sum() - (a == c).sum() * pixel) <= bound
+        assert gdf.area_m2[gdf.class_id == c].sum() == pytest.approx(shapely.area(geoms[gdf.class_id == c]).sum())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(a=class_rasters(), block_size=st.integers(2, 9), pixels=st.sampled_from([0.5, 1.0, 2.0, 4.0]))
+def test_simplification_keeps_the_coverage(tmp_path: Path, a: np.ndarray, block_size: int, pixels: float) -> None:
+    tolerance = pixels * 10
+    gdf, _ = run(tmp_path, a, block_size=block_size, simplify_m=tolerance)
+    assert len(gdf) == len(reference(a, 4)[0])
+    assert_coverage_after_simplify(gdf, a, tolerance)
+
+
+def test_simplification_simplifies_real_predictions(tmp_path: Path, data_dir: Path) -> None:
+    a, conf, transform = predicted_classes(data_dir, "20230530")
+    src = write_classes(tmp_path / "c.tif", a, transform=transform)
+    vectorise(src, tmp_path / "exact.gpkg", block_size=100)
+    vectorise(src, tmp_path / "simple.gpkg", block_size=100, simplify_m=15.0)
+    exact, simple = gpd.read_file(tmp_path / "exact.gpkg"), gpd.read_file(tmp_path / "simple.gpkg")
+    assert shapely.get_num_coordinates(simple.geometry.values).sum() < \
+        0.6 * shapely.get_num_coordinates(exact.geometry.values).sum()
+    assert_coverage_after_simplify(simple, a, 15.0, transform)
