@@ -61,6 +61,9 @@ class ExecutionSettings:
     cluster's CPUs less what the tile readers need."""
     use_gpu: bool | None = None
     """Run inference on GPUs; None uses them when the cluster has any."""
+    prefetch: int = 2
+    """Batches an inference actor works on at once: one in the forward pass while the others are
+    read from or written to the store."""
     tile_cpus: float = 0.25
     """CPUs reserved per tile-reading task (mostly I/O and GDAL warping)."""
     max_attempts: int = 2

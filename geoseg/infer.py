@@ -8,6 +8,7 @@ On a GPU it runs bf16 autocast with pinned host memory and non-blocking copies; 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -44,7 +45,11 @@ def prepare(card: ModelCard, image: np.ndarray, valid: np.ndarray, batch_size: i
 
 
 class Predictor:
-    """Holds the model and the open stores; ``__call__`` predicts and writes a batch of tiles."""
+    """Holds the model and the open stores; ``__call__`` predicts and writes a batch of tiles.
+
+    Calls may run concurrently (a threaded Ray actor): reading the next batch from zarr and writing
+    the last one overlap with the forward pass, which one lock keeps to one batch at a time.
+    """
 
     def __init__(self, model: str, run_dir: str, grid: Grid, tiles: np.ndarray, batch_size: int,
                  device: str = "cpu", threads: int | None = None) -> None:
@@ -59,6 +64,7 @@ class Predictor:
         self.grid = grid
         self.tiles = tiles
         self.batch_size = batch_size
+        self._model_lock = threading.Lock()
 
     def pid(self) -> int:
         """Process id of the worker (for operators and fault tests)."""
@@ -82,8 +88,9 @@ class Predictor:
         x = torch.from_numpy(prepare(self.card, image, valid, self.batch_size))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        classes, conf = predict(self.model, x, self.class_ids, self.bf16)
-        classes, conf = classes.cpu().numpy(), conf.cpu().numpy()
+        with self._model_lock:
+            classes, conf = predict(self.model, x, self.class_ids, self.bf16)
+            classes, conf = classes.cpu().numpy(), conf.cpu().numpy()
         h = self.grid.halo
         for k, tile_id in enumerate(tile_ids):
             rows, cols = self.grid.core_window(*(int(v) for v in self.tiles[tile_id]))

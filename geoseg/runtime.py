@@ -6,7 +6,8 @@ and only ids need to move, and the design notes measured a Ray Core actor pool a
 tile on a 2-core machine against 7-10 ms for Ray Data's actor pools.
 
 Tile readers are Ray tasks; each finished tile is queued for the inference actors, so reading and
-inference overlap. Each actor keeps two batches queued so it never waits for the driver. A tile
+inference overlap. Each actor works on ``prefetch`` batches at once (reading, predicting, writing)
+and has one more queued, so it never waits for the driver. A tile
 whose task fails is retried up to ``max_attempts`` times, then recorded as failed with its error;
 an actor that dies is replaced and its batch is redone. The outputs (mosaic, polygons, report)
 are always written for the tiles that finished.
@@ -211,6 +212,7 @@ class _Dispatcher:
         actor_cpus = execution.actor_cpus or (1.0 if self.use_gpu else max(1.0, cpus / n_actors - 2 * execution.tile_cpus))
         runtime_env = {"env_vars": storage.forwarded_env()}
         self.actor_options = {"num_cpus": actor_cpus, "num_gpus": 1 if self.use_gpu else 0, "max_restarts": 0,
+                              "max_concurrency": execution.prefetch,
                               "runtime_env": runtime_env}
         self.threads = max(1, round(actor_cpus))
         self.tiles_ref = ray.put(plan.tiles)
@@ -253,8 +255,9 @@ class _Dispatcher:
             while to_read and len(reading) < max_reading and len(to_infer) < max_ready:
                 i = to_read.popleft()
                 reading[self.tile_remote.remote(self.job_ref, i, int(tiles[i, 0]), int(tiles[i, 1]))] = i
+            last_tiles = not to_read and not reading
             for a in range(len(self.actors)):
-                while per_actor[a] < 2 and (len(to_infer) >= batch or (to_infer and not to_read and not reading)):
+                while per_actor[a] <= self.ex.prefetch and (len(to_infer) >= batch or (to_infer and last_tiles)):
                     ids = [to_infer.popleft() for _ in range(min(batch, len(to_infer)))]
                     inferring[self.actors[a].__call__.remote(ids)] = (a, ids)
                     per_actor[a] += 1
