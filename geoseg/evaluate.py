@@ -99,7 +99,7 @@ def format_table(result: dict[str, Any]) -> str:
     """The confusion matrix (rows reference, columns predicted), per-class IoU, mean IoU and OA as text."""
     ids = result["class_ids"]
     names = result["names"]
-    width = max(7, *(len(str(i)) + 1 for i in ids))
+    width = 2 + max(6, *(len(str(v)) for row in result["confusion"] for v in row))
     lines = ["confusion (rows: reference, columns: predicted)", " " * 6 + "".join(f"{i:>{width}}" for i in ids)]
     for i, row in zip(ids, result["confusion"], strict=True):
         lines.append(f"{i:>5} " + "".join(f"{v:>{width}}" for v in row))

@@ -84,3 +84,9 @@ def test_reference_smaller_than_the_class_map_leaves_the_rest_out(tmp_path: Path
     ref = _write(tmp_path / "ref.tif", np.ones((2, 2), np.uint8), from_origin(0, 40, 10, 10))
     r = evaluate_rasters(classes, ref)
     assert r["pixels"] == 4 and r["overall_accuracy"] == 1.0
+
+
+def test_table_columns_stay_apart_for_large_counts() -> None:
+    r = evaluate_arrays(np.repeat(np.array([1, 2]), [1_234_567, 5]), np.repeat(np.array([1, 1]), [1_234_567, 5]))
+    row = format_table(r).splitlines()[2].split()
+    assert row == ["1", "1234567", "5"]
