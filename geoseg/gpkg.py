@@ -134,9 +134,9 @@ class GpkgWriter:
 
 def _as_multi(geoms: np.ndarray) -> np.ndarray:
     """Every feature as a MultiPolygon, so that the layer has one geometry type."""
-    out = np.empty(len(geoms), dtype=object)
-    for i, g in enumerate(geoms):
-        out[i] = g if g.geom_type == "MultiPolygon" else shapely.MultiPolygon([g])
+    out = np.array(geoms, dtype=object)
+    single = shapely.get_type_id(out) == shapely.GeometryType.POLYGON
+    out[single] = shapely.multipolygons(out[single], indices=np.arange(int(single.sum())))
     return out
 
 

@@ -24,7 +24,7 @@ import heapq
 import json
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,7 +34,6 @@ import rasterio.features
 import shapely
 from affine import Affine
 from rasterio.windows import Window
-from shapely.geometry import shape
 
 from geoseg import storage
 from geoseg.errors import ConfigError
@@ -95,22 +94,29 @@ def label_block(classes: np.ndarray, row_off: int, col_off: int, connectivity: i
     Self-touching rings (8-connectivity) are made valid here, each still one region.
     """
     to_pixels = Affine.translation(col_off, row_off)
-    mask = classes != 0
-    geoms: list[shapely.Geometry] = []
-    values: list[int] = []
-    for geom, value in rasterio.features.shapes(classes, mask=mask, connectivity=connectivity, transform=to_pixels):
-        geoms.append(shape(geom))
-        values.append(int(value))
-    geo = np.array(geoms, dtype=object)
-    bad = ~shapely.is_valid(geo) if len(geo) else np.zeros(0, bool)
+    found = list(rasterio.features.shapes(classes, mask=classes != 0, connectivity=connectivity, transform=to_pixels))
+    geo = polygons_from_geojson([g for g, _ in found])
+    bad = ~shapely.is_valid(geo)
     if bad.any():
         geo[bad] = shapely.make_valid(geo[bad], method="structure", keep_collapsed=False)
     labels = np.zeros(classes.shape, dtype=np.int32)
-    if len(geo):
-        labels = rasterio.features.rasterize(zip(geo, range(1, len(geo) + 1)), out_shape=classes.shape,
+    if found:
+        labels = rasterio.features.rasterize(((g, i) for i, (g, _) in enumerate(found, 1)), out_shape=classes.shape,
                                              transform=to_pixels, fill=0, dtype="int32")
     counts = np.bincount(labels.ravel(), minlength=len(geo) + 1)[1:].astype(np.int64)
-    return Labelled(labels, geo, np.array(values, dtype=np.int64), counts)
+    return Labelled(labels, geo, np.array([int(v) for _, v in found], dtype=np.int64), counts)
+
+
+def polygons_from_geojson(polys: Sequence[Mapping[str, list]]) -> np.ndarray:
+    """GeoJSON-like polygons to shapely in a few vectorised calls (per-ring Python objects are the slow part)."""
+    if not polys:
+        return np.zeros(0, dtype=object)
+    rings = [r for p in polys for r in p["coordinates"]]
+    ring_len = np.fromiter((len(r) for r in rings), dtype=np.int64, count=len(rings))
+    ring_of = np.repeat(np.arange(len(rings)), ring_len)
+    poly_of = np.repeat(np.arange(len(polys)), [len(p["coordinates"]) for p in polys])
+    xy = np.array([xy for r in rings for xy in r], dtype=np.float64)
+    return shapely.polygons(shapely.linearrings(xy, indices=ring_of), indices=poly_of)
 
 
 def region_sums(labels: np.ndarray, n: int, values: np.ndarray | None) -> np.ndarray:
@@ -533,6 +539,7 @@ class BlockTask:
     connectivity: int
     raster_width: int
     remap: np.ndarray | None = None  # new class per label of this block (minimum mapping unit), or None
+    transform: Affine | None = None  # when set, finished polygons come back in CRS coordinates (spares the driver)
 
 
 def _read(path: str, win: BlockWindow) -> np.ndarray:
@@ -551,7 +558,10 @@ def _block_classes(task: BlockTask) -> np.ndarray:
 def polygonise_task(task: BlockTask) -> BlockPieces:
     """Read and polygonise one block (a Ray task, or a plain call without Ray)."""
     conf = _read(task.confidence_path, task.win) if task.confidence_path else None
-    return polygonise_block(_block_classes(task), conf, task.win, task.connectivity)
+    block = polygonise_block(_block_classes(task), conf, task.win, task.connectivity)
+    if task.transform is not None:
+        block.final_geoms = to_crs(block.final_geoms, task.transform)
+    return block
 
 
 def graph_task(task: BlockTask) -> PatchGraph:
@@ -631,12 +641,17 @@ class _Sink:
         self.areas: dict[str, float] = {}
         self._held: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def add(self, geoms: np.ndarray, classes: np.ndarray, counts: np.ndarray, conf: np.ndarray) -> None:
-        """Write regions now, or hold them when the whole coverage must be simplified together."""
+    def add(self, geoms: np.ndarray, classes: np.ndarray, counts: np.ndarray, conf: np.ndarray,
+            in_crs: bool = False) -> None:
+        """Write regions now (pixel coordinates, or CRS ones if ``in_crs``), or hold them (pixel coordinates)
+        when the whole coverage must be simplified together."""
         if self.simplify_px > 0:
+            if in_crs:
+                raise ValueError("regions to simplify must be in pixel coordinates")
             self._held.append((geoms, classes, counts, conf))
         else:
-            self._write(geoms, classes, counts.astype(np.float64) * self.pixel_m2, conf / counts / 255.0)
+            self._write(geoms if in_crs else to_crs(geoms, self.info.transform), classes,
+                        counts.astype(np.float64) * self.pixel_m2, conf / counts / 255.0)
 
     def finish(self) -> None:
         """Simplify the held coverage (if any) and write it."""
@@ -645,14 +660,17 @@ class _Sink:
         geoms, classes, counts, conf = (np.concatenate(x) for x in zip(*self._held))
         self._held.clear()
         simple = simplify_coverage(geoms, self.simplify_px)
-        self._write(simple, classes, shapely.area(simple) * self.pixel_m2, conf / counts / 255.0)
+        self._write(to_crs(simple, self.info.transform), classes, shapely.area(simple) * self.pixel_m2,
+                    conf / counts / 255.0)
 
     def _write(self, geoms: np.ndarray, classes: np.ndarray, area_m2: np.ndarray, conf: np.ndarray) -> None:
-        names = np.array([self.names.get(int(c), f"class_{int(c)}") for c in classes], dtype=object)
-        for n, a in zip(names, area_m2):
+        ids, inverse = np.unique(classes, return_inverse=True)
+        id_names = np.array([self.names.get(int(c), f"class_{int(c)}") for c in ids], dtype=object)
+        names = id_names[inverse]
+        for n, a in zip(id_names, np.bincount(inverse, weights=area_m2, minlength=len(ids))):
             self.areas[n] = self.areas.get(n, 0.0) + float(a)
-        self.writer.write(to_crs(geoms, self.info.transform),
-                          {"class_id": classes, "class_name": names, "area_m2": area_m2, "mean_confidence": conf})
+        self.writer.write(geoms, {"class_id": classes, "class_name": names, "area_m2": area_m2,
+                                  "mean_confidence": conf})
 
 
 def vectorise(
@@ -685,14 +703,16 @@ def vectorise(
     if min_area_m2 > 0:
         graphs = list(map_blocks(graph_task, tasks))
         luts = sieve(graphs, connectivity, min_area_m2 / pixel_m2)
-        tasks = [BlockTask(t.classes_path, t.confidence_path, t.win, connectivity, info.width,
-                           luts[(t.win.bi, t.win.bj)]) for t in tasks]
+        tasks = [replace(t, remap=luts[(t.win.bi, t.win.bj)]) for t in tasks]
+    if simplify_m == 0:
+        tasks = [replace(t, transform=info.transform) for t in tasks]
     pixel_size = float(np.sqrt(abs(info.transform.determinant))) * info.metres_per_unit
     with GpkgWriter(out_gpkg, LAYER, info.crs_wkt, FIELDS, metadata) as writer:
         sink = _Sink(writer, info, names, simplify_m / pixel_size)
         pieces: list[BlockPieces] = []
         for block in map_blocks(polygonise_task, tasks):
-            sink.add(block.final_geoms, block.final_classes, block.final_counts, block.final_conf)
+            sink.add(block.final_geoms, block.final_classes, block.final_counts, block.final_conf,
+                     in_crs=simplify_m == 0)
             pieces.append(BlockPieces(block.win, block.final_geoms[:0], block.final_classes[:0],
                                       block.final_counts[:0], block.final_conf[:0], block.piece_labels,
                                       block.piece_geoms, block.piece_classes, block.piece_counts,
