@@ -48,7 +48,7 @@ def test_learning_rate_warms_up_then_decays() -> None:
     assert lrs[0] < lrs[4] == 1.0 and lrs[-1] < 0.02 and all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
 
 
-def test_short_real_training_run_learns_resumes_and_loads(data_dir: Path, ray_session: None, tmp_path: Path) -> None:
+def test_short_real_training_run_learns_resumes_loads_and_fine_tunes(data_dir: Path, ray_session: None, tmp_path: Path) -> None:
     """Two epochs on real Strzegom chips through Ray Train, east quarter held out; then one more epoch resumed."""
     base = dict(
         name="tiny", data_root=str(data_dir), images="sentinel2_strzegom/scenes/strzegom_{item}_33u.tif",
@@ -74,3 +74,12 @@ def test_short_real_training_run_learns_resumes_and_loads(data_dir: Path, ray_se
     assert (last["epoch"], last["first_epoch"]) == (2, 2)  # continued with the third epoch rather than starting over
     with pytest.raises(ConfigError, match="other settings \\(width\\)"):
         train(TrainConfig(**{**base, "width": 4}, epochs=4))  # type: ignore[arg-type]
+
+    # fine-tune from that model: the encoder stays exactly as loaded while frozen, then moves
+    tuned = {**base, "name": "tuned", "out": str(tmp_path / "tuned"), "pretrained": str(path), "freeze_encoder_epochs": 1, "steps_per_epoch": 4}
+    train(TrainConfig(**tuned, epochs=2))  # type: ignore[arg-type]
+    source = {k: v for k, v in read_checkpoint(path)["state_dict"].items() if k.startswith("encoder.")}
+    by_epoch = {json.loads(raw["extra"]["metrics"])["epoch"]: raw["state_dict"] for raw in map(read_checkpoint, (tmp_path / "tuned" / "ray" / "tuned").glob("checkpoint_*/model.pt"))}
+    assert all(torch.equal(by_epoch[0][k], v) for k, v in source.items())
+    assert not torch.equal(by_epoch[1]["encoder.layer1.0.conv1.weight"], source["encoder.layer1.0.conv1.weight"])
+    assert not torch.equal(by_epoch[0]["head.weight"], read_checkpoint(path)["state_dict"]["head.weight"])
