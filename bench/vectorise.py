@@ -29,7 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyogrio
+import pyogrio.raw
 import rasterio
+import rasterio.features
+import shapely
+from shapely.geometry import shape
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("GEOSEG_DATA", ROOT.parent / "shared" / "data"))
@@ -91,20 +96,20 @@ def run_method(method: str, raster: str, out: Path, block_size: int, workdir: Pa
         t0 = time.perf_counter()
         ray.init(num_cpus=int(method[-1]), include_dashboard=False, log_to_driver=False,
                  _temp_dir=str(workdir / "ray"))
+        # warm-up: start the workers and import geoseg in them, as in a job whose Ray has been running
+        with rasterio.open(raster) as src:
+            small = src.read(1, window=rasterio.windows.Window(0, 0, 256, 256))
+            profile = dict(src.profile, width=256, height=256)
+        with rasterio.open(workdir / "warmup.tif", "w", **profile) as dst:
+            dst.write(small, 1)
+        vectorise(str(workdir / "warmup.tif"), workdir / "warmup.gpkg", block_size=64)
         t1 = time.perf_counter()
         areas = vectorise(raster, out, block_size=block_size)
         t2 = time.perf_counter()
         ray.shutdown()
-        import pyogrio
-
         return {"seconds": t2 - t1, "ray_start_s": t1 - t0, "features": pyogrio.read_info(out)["features"],
                 "area_m2": sum(areas.values())}
     if method == "rasterio-whole":
-        import pyogrio
-        import rasterio.features
-        import shapely
-        from shapely.geometry import shape
-
         t0 = time.perf_counter()
         with rasterio.open(raster) as src:
             a, transform, crs = src.read(1), src.transform, src.crs
@@ -114,7 +119,7 @@ def run_method(method: str, raster: str, out: Path, block_size: int, workdir: Pa
             values.append(int(v))
         t1 = time.perf_counter()
         geo = np.array(geoms, dtype=object)
-        pyogrio.write(str(out), shapely.to_wkb(geo), [np.array(values)], ["class_id"], layer="landcover",
+        pyogrio.raw.write(str(out), shapely.to_wkb(geo), [np.array(values)], ["class_id"], layer="landcover",
                       driver="GPKG", geometry_type="Polygon", crs=crs.to_wkt())
         t2 = time.perf_counter()
         return {"seconds": t2 - t0, "shapes_s": t1 - t0, "features": len(geo), "area_m2": 0.0}
@@ -123,8 +128,6 @@ def run_method(method: str, raster: str, out: Path, block_size: int, workdir: Pa
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     t1 = time.perf_counter()
-    import pyogrio
-
     return {"seconds": t1 - t0, "features": pyogrio.read_info(out)["features"], "area_m2": 0.0}
 
 
@@ -187,7 +190,8 @@ def main() -> None:
     mpx = args.size * args.size / 1e6
     print(f"class raster {args.size} x {args.size} ({mpx:.0f} Mpx) from {source}, built in "
           f"{time.perf_counter() - t0:.1f} s; block size {args.block_size}; {os.cpu_count()} CPUs")
-    print(f"{'method':<16} {'seconds':>8} {'Mpx/s':>7} {'features':>9} {'peak tree MiB':>14} {'peak main MiB':>14}")
+    print(f"{'method':<16} {'seconds':>8} {'Mpx/s':>7} {'features':>9} {'peak tree MiB':>14} {'peak main MiB':>14} "
+          f"{'load':>5}")
     for method in args.methods:
         r = measure(method, str(raster), args.block_size, workdir)
         if isinstance(r, str):
@@ -195,7 +199,8 @@ def main() -> None:
             continue
         extra = ", ".join(f"{k} {v:.1f}" for k, v in r.items() if k in ("ray_start_s", "shapes_s"))
         print(f"{method:<16} {r['seconds']:8.1f} {mpx / r['seconds']:7.2f} {int(r['features']):9d} "
-              f"{r['peak_tree_mib']:14.0f} {r['peak_main_mib']:14.0f}" + (f"   ({extra})" if extra else ""),
+              f"{r['peak_tree_mib']:14.0f} {r['peak_main_mib']:14.0f} {os.getloadavg()[0]:5.1f}"
+              + (f"   ({extra})" if extra else ""),
               flush=True)
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -121,23 +121,16 @@ class GpkgWriter:
     def _append(self, geoms: np.ndarray, cols: Mapping[str, np.ndarray]) -> None:
         names = list(self.fields)
         data = [_column(cols[k], self.fields[k]) for k in names]
-        wkb = shapely.to_wkb(_as_multi(geoms))
+        wkb = shapely.to_wkb(geoms)
         kwargs: dict[str, object] = {}
         if not self._created:
             kwargs = {"dataset_metadata": self.metadata or None,
                       "layer_options": {"SPATIAL_INDEX": "YES", "GEOMETRY_NAME": "geom"}}
         pyogrio.raw.write(str(self.tmp_path), wkb, data, names, layer=self.layer, driver="GPKG",
-                          geometry_type="MultiPolygon", crs=self.crs_wkt, append=self._created, **kwargs)
+                          geometry_type="MultiPolygon", promote_to_multi=True, crs=self.crs_wkt,
+                          append=self._created, **kwargs)
         self._created = True
         self.count += len(geoms)
-
-
-def _as_multi(geoms: np.ndarray) -> np.ndarray:
-    """Every feature as a MultiPolygon, so that the layer has one geometry type."""
-    out = np.array(geoms, dtype=object)
-    single = shapely.get_type_id(out) == shapely.GeometryType.POLYGON
-    out[single] = shapely.multipolygons(out[single], indices=np.arange(int(single.sum())))
-    return out
 
 
 def _column(values: np.ndarray, kind: str) -> np.ndarray:

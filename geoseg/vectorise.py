@@ -80,30 +80,38 @@ def block_grid(height: int, width: int, block_size: int) -> list[BlockWindow]:
 class Labelled:
     """A block's regions: label image (0 = nodata, region ``k`` has label ``k + 1``) and per-region values."""
 
-    labels: np.ndarray  # int32, block shape
+    labels: np.ndarray  # int32, block shape; unless labelled in full, only regions touching the block's edge
     geoms: np.ndarray  # valid (Multi)Polygons in global pixel coordinates
     classes: np.ndarray  # int64 class id per region
     counts: np.ndarray  # int64 pixels per region
 
 
-def label_block(classes: np.ndarray, row_off: int, col_off: int, connectivity: int) -> Labelled:
+def label_block(classes: np.ndarray, row_off: int, col_off: int, connectivity: int, full: bool = True) -> Labelled:
     """Polygonise one block and rasterise the polygons back to a label image.
 
     GDAL's own polygoniser defines the regions (so they are exactly its regions); the label image
-    lets strips, pixel counts and confidence sums be read per region without a second labelling code.
-    Self-touching rings (8-connectivity) are made valid here, each still one region.
+    lets strips and per-region sums be read without a second labelling code. When only the strips are
+    needed (``full=False``), only the regions touching the block's edge are rasterised, which is most
+    of the saving. Self-touching rings (8-connectivity) are made valid here, each still one region;
+    with 4-connectivity GDAL writes such contacts as a hole touching its shell, which is valid.
     """
     to_pixels = Affine.translation(col_off, row_off)
     found = list(rasterio.features.shapes(classes, mask=classes != 0, connectivity=connectivity, transform=to_pixels))
     geo = polygons_from_geojson([g for g, _ in found])
-    bad = ~shapely.is_valid(geo)
-    if bad.any():
+    if connectivity == 8:
+        bad = ~shapely.is_valid(geo)
         geo[bad] = shapely.make_valid(geo[bad], method="structure", keep_collapsed=False)
+    burn = np.ones(len(geo), dtype=bool)
+    if not full and len(geo):
+        x0, y0, x1, y1 = shapely.bounds(geo).T
+        h, w = classes.shape
+        burn = (x0 == col_off) | (y0 == row_off) | (x1 == col_off + w) | (y1 == row_off + h)
     labels = np.zeros(classes.shape, dtype=np.int32)
-    if found:
-        labels = rasterio.features.rasterize(((g, i) for i, (g, _) in enumerate(found, 1)), out_shape=classes.shape,
-                                             transform=to_pixels, fill=0, dtype="int32")
-    counts = np.bincount(labels.ravel(), minlength=len(geo) + 1)[1:].astype(np.int64)
+    if burn.any():
+        shapes = ((found[i][0], i + 1) for i in np.flatnonzero(burn))
+        labels = rasterio.features.rasterize(shapes, out_shape=classes.shape, transform=to_pixels, fill=0,
+                                             dtype="int32")
+    counts = np.rint(shapely.area(geo)).astype(np.int64)  # pixel polygons: area in px2 is the pixel count
     return Labelled(labels, geo, np.array([int(v) for _, v in found], dtype=np.int64), counts)
 
 
@@ -171,7 +179,7 @@ class BlockPieces:
 def polygonise_block(classes: np.ndarray, confidence: np.ndarray | None, win: BlockWindow,
                      connectivity: int) -> BlockPieces:
     """Polygonise one block; split its regions into finished polygons and pieces crossing a border."""
-    lab = label_block(classes, win.row_off, win.col_off, connectivity)
+    lab = label_block(classes, win.row_off, win.col_off, connectivity, full=confidence is not None)
     conf = region_sums(lab.labels, len(lab.geoms), confidence)
     strips = border_strips(lab.labels, win)
     crossing = crossing_labels(strips)
