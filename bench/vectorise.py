@@ -8,8 +8,9 @@ by tile so that regions run on across the tiles' seams, then runs each method in
 * ``rasterio-whole``: one ``rasterio.features.shapes`` call over the whole raster, written with pyogrio,
 * ``gdal_polygonize``: GDAL's ``gdal_polygonize.py`` (Debian's gdal-bin), or "not installed".
 
-Each method's peak memory is sampled from its whole process tree (Ray's raylet and workers included) and
-from its main process alone. Usage::
+Each method's peak memory is sampled from its whole process tree (Ray's GCS, raylet and workers included;
+proportional set size, so that shared pages such as Ray's object store count once) and from its main process
+alone (unique set size: the pages it holds privately). Usage::
 
     .venv/bin/python bench/vectorise.py [--size 10000] [--block-size 1024] [--workdir DIR]
 """
@@ -148,12 +149,14 @@ def measure(method: str, raster: str, block_size: int, workdir: Path) -> dict[st
         while not done.is_set():
             try:
                 procs = [main] + main.children(recursive=True)
-                rss = {p.pid: p.memory_info().rss for p in procs if p.is_running()}
+                mem = {p.pid: p.memory_full_info() for p in procs if p.is_running()}
             except psutil.Error:
                 continue
-            peaks["tree"] = max(peaks["tree"], sum(rss.values()))
-            peaks["main"] = max(peaks["main"], rss.get(main.pid, 0))
-            time.sleep(0.05)
+            # PSS shares pages mapped by several processes (Ray's object store) out among them, so the
+            # tree's sum is its real footprint; the main process's own memory is its USS (private pages)
+            peaks["tree"] = max(peaks["tree"], sum(m.pss for m in mem.values()))
+            peaks["main"] = max(peaks["main"], mem[main.pid].uss if main.pid in mem else 0)
+            time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -190,7 +193,7 @@ def main() -> None:
     mpx = args.size * args.size / 1e6
     print(f"class raster {args.size} x {args.size} ({mpx:.0f} Mpx) from {source}, built in "
           f"{time.perf_counter() - t0:.1f} s; block size {args.block_size}; {os.cpu_count()} CPUs")
-    print(f"{'method':<16} {'seconds':>8} {'Mpx/s':>7} {'features':>9} {'peak tree MiB':>14} {'peak main MiB':>14} "
+    print(f"{'method':<16} {'seconds':>8} {'Mpx/s':>7} {'features':>9} {'tree PSS MiB':>14} {'main USS MiB':>14} "
           f"{'load':>5}")
     for method in args.methods:
         r = measure(method, str(raster), args.block_size, workdir)
