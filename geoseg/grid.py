@@ -63,6 +63,14 @@ class Grid:
         t = self.tile_size
         return self.transform @ Affine.translation(col * t - self.halo, row * t - self.halo)
 
+    def input_boxes(self, tiles: np.ndarray) -> np.ndarray:
+        """(left, bottom, right, top) of the haloed input squares of (row, col) tiles, as an (N, 4) array."""
+        step, reach = self.tile_size * self.res, self.halo * self.res
+        left = self.left + tiles[:, 1] * step - reach
+        top = self.top - tiles[:, 0] * step + reach
+        side = self.input_size * self.res
+        return np.stack([left, top - side, left + side, top], axis=1)
+
     def area_m2(self, pixels: int) -> float:
         """Area of ``pixels`` grid cells (the grid's CRS is projected in metres)."""
         return float(pixels) * self.res * self.res

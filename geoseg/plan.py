@@ -260,14 +260,12 @@ def describe(plan: RunPlan) -> str:
 
 
 def _scenes_per_tile(plan: RunPlan) -> np.ndarray:
-    """How many scenes' footprints (as boxes in grid CRS) touch each tile's input square."""
-    g = plan.grid
-    size = g.tile_size * g.res
-    x0 = g.left + plan.tiles[:, 1] * size - g.halo * g.res
-    y1 = g.top - plan.tiles[:, 0] * size + g.halo * g.res
-    x1, y0 = x0 + size + 2 * g.halo * g.res, y1 - size - 2 * g.halo * g.res
-    count = np.zeros(plan.tile_count, np.int32)
-    for u in plan.scenes:
-        left, bottom, right, top = u.grid_bounds
-        count += (x0 < right) & (x1 > left) & (y0 < top) & (y1 > bottom)
-    return count
+    """How many scenes' footprint boxes touch each tile's input square."""
+    boxes = plan.grid.input_boxes(plan.tiles)
+    return sum((touches(boxes, u.grid_bounds) for u in plan.scenes), np.zeros(plan.tile_count, np.int64))
+
+
+def touches(boxes: np.ndarray, bounds: tuple[float, float, float, float]) -> np.ndarray:
+    """Which (N, 4) boxes overlap ``bounds`` (left, bottom, right, top) with a positive area."""
+    left, bottom, right, top = bounds
+    return (boxes[:, 0] < right) & (boxes[:, 2] > left) & (boxes[:, 1] < top) & (boxes[:, 3] > bottom)

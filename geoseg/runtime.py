@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -174,8 +175,6 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
 
 def _vectorise(run_dir: str, plan: RunPlan, card: ModelCard) -> dict[str, float]:
     """Polygonise classes.tif into landcover.gpkg (built locally, then published whole)."""
-    import tempfile
-
     v = plan.vectorise
     with tempfile.TemporaryDirectory(prefix="geoseg-gpkg-") as tmp:
         local = os.path.join(tmp, GPKG_FILE)

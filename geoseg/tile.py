@@ -14,7 +14,7 @@ from rasterio.features import geometry_mask
 from shapely import wkt as shapely_wkt
 
 from geoseg.grid import Grid
-from geoseg.plan import SceneUse
+from geoseg.plan import SceneUse, touches
 from geoseg.scenes import read_window
 from geoseg.store import Stores
 
@@ -32,12 +32,8 @@ class TileJob:
 
     def scenes_for(self, row: int, col: int) -> list[SceneUse]:
         """Scenes whose footprint box touches the tile's input square, in priority order."""
-        g = self.grid
-        t = g.input_transform(row, col)
-        x0, y1 = t.c, t.f
-        x1, y0 = x0 + g.input_size * g.res, y1 - g.input_size * g.res
-        return [u for u in self.scenes if x0 < u.grid_bounds[2] and x1 > u.grid_bounds[0]
-                and y0 < u.grid_bounds[3] and y1 > u.grid_bounds[1]]
+        box = self.grid.input_boxes(np.array([[row, col]]))
+        return [u for u in self.scenes if touches(box, u.grid_bounds)[0]]
 
 
 def composite(layers: list[tuple[np.ndarray, np.ndarray]], band_count: int, size: int, dtype: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from shapely.geometry import box
@@ -58,3 +59,13 @@ def test_utm_zone() -> None:
     assert utm_epsg(16.3, 50.9) == 32633
     assert utm_epsg(-93.4, 46.8) == 32615
     assert utm_epsg(151.2, -33.9) == 32756
+
+
+def test_input_boxes_match_input_transforms() -> None:
+    g = Grid("EPSG:32633", 10.0, 1000.0, 9000.0, 700, 500, 128, 16)
+    tiles = np.array([[0, 0], [2, 3], [3, 5]])
+    boxes = g.input_boxes(tiles)
+    for (row, col), (left, bottom, right, top) in zip(tiles, boxes):
+        t = g.input_transform(int(row), int(col))
+        assert (left, top) == pytest.approx((t.c, t.f))
+        assert (right - left, top - bottom) == pytest.approx((g.input_size * g.res,) * 2)
