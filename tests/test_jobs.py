@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +45,10 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
     env.pop("RAY_ADDRESS", None)
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={root / 'r'}",
+                    # every port a head opens, chosen free: another Ray on this machine must not collide
+                    f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                    f"--ray-client-server-port={free_port()}",
                     "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
     try:
         yield f"http://127.0.0.1:{dashboard}", env
@@ -56,10 +61,13 @@ def test_submitted_job_writes_the_geopackage(ray_head: tuple[str, dict[str, str]
     address, env = ray_head
     out = tmp_path / "job-run"
     scene = data_dir / "scenes" / "drone_webodm_orthophoto.tif"
-    done = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-         "python", "jobs/segment_region.py", "--scenes", str(scene), "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=600)
+    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+              "python", "jobs/segment_region.py", "--scenes", str(scene), "--out", str(out)]
+    for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stderr:
+            break
+        time.sleep(2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout + done.stderr
     gdf = gpd.read_file(out / "landcover.gpkg", layer="landcover")
