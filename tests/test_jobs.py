@@ -26,13 +26,16 @@ def free_port() -> int:
 
 
 def stop_processes_under(root: Path) -> None:
-    """Stop the head's processes by their own pids: those whose command line names its temp dir."""
+    """Stop the head's processes by their own pids: those whose command line names its temp dir, and their children."""
     procs = []
     for p in psutil.process_iter(["cmdline"]):
         if any(str(root) in part for part in (p.info["cmdline"] or [])):
-            procs.append(p)
+            procs += [p, *p.children(recursive=True)]
     for p in procs:
-        p.kill()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     psutil.wait_procs(procs, timeout=10)
 
 
