@@ -244,7 +244,9 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         optimizer.load_state_dict(raw["extra"]["optimizer"])
         start_epoch, step, best = raw["extra"]["epoch"] + 1, raw["extra"]["step"], raw["extra"]["best"]
     elif config.pretrained:
-        load_encoder(model, resolve(config.pretrained), card.bands)
+        n = load_encoder(model, resolve(config.pretrained), card.bands)
+        if rank == 0:
+            print(f"[{config.name}] encoder started from {config.pretrained} ({n} tensors, first conv adapted to {len(card.bands)} bands)", flush=True)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     core = getattr(model, "module", model)
