@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-DATA = Path(os.environ.get("GEOSEG_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+DATA = Path(os.environ.get("GEOSEG_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")).resolve()
 
 
 @pytest.fixture(scope="session")
