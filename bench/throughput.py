@@ -11,8 +11,8 @@ then, each in its own process so that every peak is its own:
 * end to end: ``geoseg.runtime.run`` in-process on a local Ray (one driver, the default inference actor,
   tile-reading tasks); every tile's completion time is taken where the driver records it
   (``Ledger.mark_done``), and steady state is the rate after the first batch;
-* model only: right after, on the same cluster, an actor with the inference actor's own resources, torch
-  thread count and batch size runs ``geoseg.infer.predict`` over as many tiles, prepared from the run's
+* model only: right after, on the same cluster, an actor with the inference actor's own resources,
+  concurrency, torch thread count and batch size runs ``geoseg.infer.predict`` over as many tiles, prepared from the run's
   own tiles and held in memory (on the GPU with ``--gpu``);
 * naive: the single-process rasterio sliding-window loop users write today (``_scene.naive_segment``).
 
@@ -209,7 +209,9 @@ def child_geoseg(p: dict[str, Any]) -> dict[str, Any]:
     }
     if p["model_only"]:
         options = seen["options"]
-        actor = ray.remote(_ModelOnly).options(num_cpus=options["num_cpus"], num_gpus=options["num_gpus"]).remote(
+        # max_concurrency too: a threaded actor runs calls on pool threads, where the torch thread count
+        # set in __init__ is not what the forward pass gets (docs/performance.md), so match it exactly
+        actor = ray.remote(_ModelOnly).options(**options).remote(
             plan.model, p["run_dir"], plan.batch_size, "cuda" if seen["use_gpu"] else "cpu", seen["threads"])
         load_before = os.getloadavg()
         out["model_only_ends"] = ray.get(actor.measure.remote(plan.tile_count))
