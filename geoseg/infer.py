@@ -53,8 +53,7 @@ class Predictor:
 
     def __init__(self, model: str, run_dir: str, grid: Grid, tiles: np.ndarray, batch_size: int,
                  device: str = "cpu", threads: int | None = None) -> None:
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads = threads or torch.get_num_threads()
         self.device = torch.device(device)
         self.card, self.model = load_model(model, device=device)
         self.model = self.model.to(memory_format=torch.channels_last)
@@ -89,6 +88,7 @@ class Predictor:
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         with self._model_lock:
+            torch.set_num_threads(self.threads)  # per calling thread: a threaded actor's pool threads start at 1
             classes, conf = predict(self.model, x, self.class_ids, self.bf16)
             classes, conf = classes.cpu().numpy(), conf.cpu().numpy()
         h = self.grid.halo

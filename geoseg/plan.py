@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from functools import lru_cache
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -128,16 +129,32 @@ def check_scene(scene: Scene, card: ModelCard) -> tuple[int, ...]:
     return band_indexes(scene, card.bands)
 
 
+@lru_cache(maxsize=256)
+def parse_crs(crs: str) -> ProjCRS:
+    """A CRS parsed once: a continental plan has hundreds of scenes in a handful of CRSs."""
+    return ProjCRS.from_user_input(crs)
+
+
+@lru_cache(maxsize=256)
+def transformer(src: str, dst: str) -> Transformer:
+    """A coordinate transformer built once per pair of CRSs (building one costs milliseconds)."""
+    return Transformer.from_crs(parse_crs(src), parse_crs(dst), always_xy=True)
+
+
 def _footprint(scene: Scene, crs: str) -> BaseGeometry:
     """The scene's extent in ``crs``, densified so curved edges survive reprojection."""
     outline = box(*scene.bounds).segmentize(max(scene.res * scene.width, scene.res * scene.height) / 64)
-    to_grid = Transformer.from_crs(ProjCRS.from_user_input(scene.crs), ProjCRS.from_user_input(crs), always_xy=True)
-    return shapely_transform(to_grid.transform, outline)
+    return shapely_transform(transformer(scene.crs, crs).transform, outline)
+
+
+def region_in(region: BaseGeometry, crs: str) -> BaseGeometry:
+    """A lon/lat region in the grid's CRS, densified so its edges follow the projection."""
+    return shapely_transform(transformer("EPSG:4326", crs).transform, region.segmentize(0.01))
 
 
 def _native_res(scene: Scene, crs: str) -> float:
     """The scene's pixel size expressed in the grid CRS's units."""
-    if ProjCRS.from_user_input(scene.crs) == ProjCRS.from_user_input(crs):
+    if parse_crs(scene.crs) == parse_crs(crs):
         return scene.res
     transform, _, _ = calculate_default_transform(scene.crs, crs, scene.width, scene.height, *scene.bounds)
     return abs(transform.a)
@@ -145,7 +162,7 @@ def _native_res(scene: Scene, crs: str) -> float:
 
 def _is_aligned(scene: Scene, grid: Grid) -> bool:
     """Same CRS, same pixel size and pixel corners on the grid's lattice: read without resampling."""
-    if ProjCRS.from_user_input(scene.crs) != ProjCRS.from_user_input(grid.crs):
+    if parse_crs(scene.crs) != parse_crs(grid.crs):
         return False
     a, _, c, _, e, f = scene.transform
     if not np.isclose(a, grid.res, rtol=1e-9) or not np.isclose(-e, grid.res, rtol=1e-9):
@@ -168,7 +185,7 @@ def make_plan(config: RunConfig) -> RunPlan:
 
     region = shapely_wkt.loads(config.region_wkt) if config.region_wkt else None
     if config.crs:
-        crs = ProjCRS.from_user_input(config.crs)
+        crs = parse_crs(config.crs)
         if not crs.is_projected:
             raise ConfigError(f"--crs {config.crs} is not a projected CRS: name one in metres, e.g. a UTM zone")
         crs_text = crs.to_wkt()
@@ -179,8 +196,7 @@ def make_plan(config: RunConfig) -> RunPlan:
     footprints = [_footprint(s, crs_text) for s in scenes]
     area = unary_union(footprints)
     if region is not None:
-        to_grid = Transformer.from_crs("EPSG:4326", ProjCRS.from_user_input(crs_text), always_xy=True)
-        area = area.intersection(shapely_transform(to_grid.transform, region.segmentize(0.01)))
+        area = area.intersection(region_in(region, crs_text))
         if area.is_empty:
             raise RegionError("the region intersects none of the scenes: check its coordinates are lon/lat (EPSG:4326)")
 
@@ -190,7 +206,7 @@ def make_plan(config: RunConfig) -> RunPlan:
         raise ConfigError(f"--resolution must be positive, got {res}")
     finest = scenes[int(np.argmin(resolutions))]
     anchor = (finest.transform[2], finest.transform[5]) if np.isclose(_native_res(finest, crs_text), res) and \
-        ProjCRS.from_user_input(finest.crs) == ProjCRS.from_user_input(crs_text) else (0.0, 0.0)
+        parse_crs(finest.crs) == parse_crs(crs_text) else (0.0, 0.0)
     grid = snap_grid(area.bounds, res, anchor, crs_text, config.tile_size or card.tile_size,
                      card.halo if config.halo is None else config.halo)
     tiles = tiles_covering(grid, area)
@@ -242,7 +258,7 @@ def load_plan(run_dir: str) -> RunPlan:
 def describe(plan: RunPlan) -> str:
     """A human summary of the plan, what ``--dry-run`` prints."""
     g = plan.grid
-    crs = ProjCRS.from_user_input(g.crs)
+    crs = parse_crs(g.crs)
     name = f"EPSG:{crs.to_epsg()}" if crs.to_epsg() else crs.name
     per_tile = _scenes_per_tile(plan)
     lines = [

@@ -27,11 +27,8 @@ from typing import Any
 
 import numpy as np
 import ray
-from pyproj import CRS as ProjCRS
-from pyproj import Transformer
 from ray.exceptions import RayActorError, RayError
 from shapely import wkt as shapely_wkt
-from shapely.ops import transform as shapely_transform
 
 from geoseg import storage, store
 from geoseg.config import ExecutionSettings, RunConfig
@@ -41,7 +38,7 @@ from geoseg.ledger import Failure, Ledger, load_ledger, save_ledger
 from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import load_card
 from geoseg.mosaic import CLASSES_TIF, CONFIDENCE_TIF, mosaic
-from geoseg.plan import RunPlan, load_plan, make_plan, save_plan
+from geoseg.plan import RunPlan, load_plan, make_plan, region_in, save_plan
 from geoseg.tile import TileJob, run_tile
 from geoseg.vectorise import vectorise
 
@@ -137,8 +134,11 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     save_ledger(run_dir, ledger)
 
     t0 = time.perf_counter()
+    settings: dict[str, Any] = {}
     if todo:
-        _Dispatcher(run_dir, plan, card, ledger, execution).run(todo)
+        dispatcher = _Dispatcher(run_dir, plan, card, ledger, execution)
+        settings = dispatcher.settings
+        dispatcher.run(todo)
     t_tiles = time.perf_counter() - t0
     save_ledger(run_dir, ledger)
 
@@ -165,6 +165,7 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
         "stage_s": {"plan": round(plan_s, 3), "tile_and_infer": round(t_tiles, 3), "mosaic": round(t_mosaic, 3),
                     "vectorise": round(t_vector, 3), "total": round(plan_s + time.perf_counter() - t_start, 3)},
         "tiles_per_s": round(len(todo) / t_tiles, 3) if todo and t_tiles > 0 else None,
+        "execution": settings,
         "warnings": list(plan.warnings),
         "outputs": {"classes": CLASSES_TIF, "confidence": CONFIDENCE_TIF, "polygons": GPKG_FILE,
                     "tiles_store": store.TILES, "predictions_store": store.PREDICTIONS},
@@ -191,8 +192,7 @@ def _vectorise(run_dir: str, plan: RunPlan, card: ModelCard) -> dict[str, float]
 def _region_in_grid(plan: RunPlan) -> str | None:
     if plan.region_wkt is None:
         return None
-    to_grid = Transformer.from_crs("EPSG:4326", ProjCRS.from_user_input(plan.grid.crs), always_xy=True)
-    return shapely_transform(to_grid.transform, shapely_wkt.loads(plan.region_wkt).segmentize(0.01)).wkt
+    return region_in(shapely_wkt.loads(plan.region_wkt), plan.grid.crs).wkt
 
 
 class _Dispatcher:
@@ -209,11 +209,12 @@ class _Dispatcher:
         n_actors = execution.actors or (gpus if self.use_gpu else 1)
         cpus = float(resources.get("CPU", 1))
         actor_cpus = execution.actor_cpus or (1.0 if self.use_gpu else max(1.0, cpus / n_actors - 2 * execution.tile_cpus))
+        self.threads = max(1, int(actor_cpus))
         runtime_env = {"env_vars": storage.forwarded_env()}
         self.actor_options = {"num_cpus": actor_cpus, "num_gpus": 1 if self.use_gpu else 0, "max_restarts": 0,
                               "max_concurrency": execution.prefetch,
-                              "runtime_env": runtime_env}
-        self.threads = max(1, round(actor_cpus))
+                              "runtime_env": {"env_vars": {**runtime_env["env_vars"],
+                                                           "OMP_NUM_THREADS": str(self.threads)}}}
         self.tiles_ref = ray.put(plan.tiles)
         self.job_ref = ray.put(TileJob(run_dir, plan.grid, plan.scenes, _region_in_grid(plan), card.input_dtype,
                                        len(card.bands)))
@@ -221,6 +222,9 @@ class _Dispatcher:
                                                          runtime_env=runtime_env)
         self.actor_class = ray.remote(Predictor)
         self.actors = [self._new_actor() for _ in range(n_actors)]
+        self.settings = {"actors": n_actors, "actor_cpus": actor_cpus, "threads": self.threads,
+                         "use_gpu": self.use_gpu, "batch_size": plan.batch_size, "prefetch": execution.prefetch,
+                         "tile_cpus": execution.tile_cpus}
         self.replacements = 0
         self.attempts: dict[int, int] = {}
         self.progress = _Progress(plan.tile_count, execution.progress)
