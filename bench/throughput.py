@@ -122,8 +122,7 @@ class _ModelOnly:
         from geoseg.model.checkpoint import load_model
         from geoseg.store import Stores
 
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads = threads or torch.get_num_threads()
         self.device = torch.device(device)
         card, model_ = load_model(model, device=device)
         self.model = model_.to(memory_format=torch.channels_last)
@@ -143,6 +142,7 @@ class _ModelOnly:
 
         from geoseg.infer import predict
 
+        torch.set_num_threads(self.threads)  # as the inference actor does, on the thread that runs the model
         ends = []
         t0 = time.perf_counter()
         for b in range(-(-tiles // self.batch_size)):
