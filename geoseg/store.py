@@ -54,7 +54,7 @@ def create(run_dir: str, grid: Grid, tiles: np.ndarray, bands: tuple[str, ...], 
         for name in ("classes", "confidence"):
             g.create_array(name, shape=(grid.height, grid.width), chunks=(grid.tile_size, grid.tile_size),
                            dtype="uint8", fill_value=0, dimension_names=("y", "x"),
-                           attributes={"grid_mapping": "spatial_ref"})
+                           attributes={"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"})
         g.create_array("x", shape=(grid.width,), dtype="float64", dimension_names=("x",))[:] = \
             t.c + (np.arange(grid.width) + 0.5) * t.a
         g.create_array("y", shape=(grid.height,), dtype="float64", dimension_names=("y",))[:] = \

@@ -20,6 +20,8 @@ import numpy as np
 import psutil
 import pytest
 import rasterio
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
 import zarr
 from pyproj import CRS
 from shapely import union_all
@@ -71,6 +73,10 @@ def check_outputs(run_dir: Path, class_json: Path | None = None) -> dict:
     assert CRS.from_user_input(pred.attrs["crs"]) == CRS.from_user_input(plan.grid.crs)
     assert pred.attrs["transform"][0] == res
     assert np.array_equal(pred["classes"][:], classes)
+    da = xr.open_zarr(run_dir / "predictions.zarr", consolidated=False)["classes"]  # as xarray users open it
+    assert CRS.from_user_input(da.rio.crs) == CRS.from_user_input(plan.grid.crs)
+    assert tuple(da.rio.transform())[:6] == tuple(plan.grid.transform)[:6]
+    assert np.array_equal(da.values, classes)
     tiles = zarr.open_group(str(run_dir / "tiles.zarr"), mode="r")
     assert tiles["image"].shape[0] == plan.tile_count and "crs" in tiles.attrs
 
