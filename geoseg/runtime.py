@@ -239,7 +239,7 @@ class _Dispatcher:
         if self.attempts[tile_id] < self.ex.max_attempts:
             retry.append(tile_id)
         else:
-            log.warning("tile %d failed in %s: %s", tile_id, stage, error)
+            log.info("tile %d failed in %s: %s", tile_id, stage, error)
             self.ledger.mark_failed(tile_id, Failure(stage, error, self.attempts[tile_id]))
 
     def run(self, todo: list[int]) -> None:

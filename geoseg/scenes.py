@@ -129,8 +129,8 @@ def read_window(
     try:
         return _warped_read(url, bands, crs, transform, shape, aligned)
     except RasterioIOError as exc:
-        raise SceneReadError(f"reading {url} failed ({exc}): the file may be truncated or corrupt; "
-                             "repair or download it again, then `geoseg rerun RUN_DIR`") from exc
+        raise SceneReadError(f"reading {url} failed: the file may be truncated or corrupt; repair or download "
+                             f"it again, then `geoseg rerun RUN_DIR` (GDAL: {exc})") from exc
 
 
 def _warped_read(url: str, bands: tuple[int, ...], crs: str, transform: Affine, shape: tuple[int, int],
