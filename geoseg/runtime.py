@@ -70,8 +70,11 @@ def run(config: RunConfig, execution: ExecutionSettings, overwrite: bool = False
                 f"{config.out} already holds a run with a different plan: pass --overwrite to replace it, "
                 f"`geoseg rerun {config.out}` to finish it, or another --out")
         plan = existing
-    elif existing is not None or (overwrite and storage.exists(config.out)):
+    elif existing is not None:
         storage.remove(config.out)
+    elif not storage.is_empty(config.out):
+        raise PlanMismatchError(f"{config.out} exists and holds no geoseg run: choose an empty or new --out "
+                                "(--overwrite only replaces a geoseg run)")
     storage.makedirs(config.out)
     save_plan(config.out, plan)
     return execute(config.out, plan, execution, plan_s=time.perf_counter() - t0)
@@ -129,8 +132,7 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     store.create(run_dir, plan.grid, plan.tiles, card.bands, card.input_dtype)
     connect(execution.ray_address)
     todo = ledger.not_done()
-    for i in todo:
-        ledger.failed.pop(i, None)
+    ledger.failed.clear()  # every tile not done is tried again
     save_ledger(run_dir, ledger)
 
     t0 = time.perf_counter()

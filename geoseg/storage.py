@@ -52,6 +52,12 @@ def exists(url: str) -> bool:
     return bool(fs.exists(path))
 
 
+def is_empty(url: str) -> bool:
+    """True when nothing exists at ``url``, or it is an empty folder."""
+    fs, path = filesystem(url)
+    return not fs.exists(path) or (fs.isdir(path) and not fs.ls(path))
+
+
 def read_bytes(url: str) -> bytes:
     """The whole content of a (small) file."""
     fs, path = filesystem(url)

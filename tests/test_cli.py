@@ -59,3 +59,14 @@ def test_errors_exit_with_status_2_and_a_named_error(tmp_path: Path, capsys: pyt
     err = capsys.readouterr().err
     assert "SceneReadError" in err and "missing.tif" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path: Path, data_dir: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "thesis.txt").write_text("do not delete")
+    scene = data_dir / "sentinel2_strzegom" / "scenes" / "strzegom_20230530_33u.tif"
+    assert main(["run", "--scenes", str(scene), "--out", str(keep), "--overwrite"]) == 2
+    assert "holds no geoseg run" in capsys.readouterr().err
+    assert (keep / "thesis.txt").read_text() == "do not delete"
