@@ -137,7 +137,8 @@ class _ModelOnly:
         self.batch_size = batch_size
 
     def measure(self, tiles: int) -> list[float]:
-        """Seconds from the start at which each batch finished, for ``tiles`` tiles' worth of batches."""
+        """Seconds from the start at which each tile finished (a batch's tiles all finish at its end),
+        per tile like the run's own completion stamps, so both go through the same steady-rate sum."""
         import torch
 
         from geoseg.infer import predict
@@ -150,8 +151,8 @@ class _ModelOnly:
                                     self.device.type == "cuda")
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            ends.append(time.perf_counter() - t0)
-        return ends
+            ends += [time.perf_counter() - t0] * self.batch_size
+        return ends[:tiles]
 
 
 def child_geoseg(p: dict[str, Any]) -> dict[str, Any]:
