@@ -212,6 +212,8 @@ class _Dispatcher:
         cpus = float(resources.get("CPU", 1))
         actor_cpus = execution.actor_cpus or (1.0 if self.use_gpu else max(1.0, cpus / n_actors - 2 * execution.tile_cpus))
         self.threads = max(1, int(actor_cpus))
+        spare = max(cpus - n_actors * actor_cpus, execution.tile_cpus) / execution.tile_cpus / n_actors
+        self.readers = execution.readers_per_actor or (max(1, int(spare)) if self.use_gpu else 1)
         runtime_env = {"env_vars": storage.forwarded_env()}
         self.actor_options = {"num_cpus": actor_cpus, "num_gpus": 1 if self.use_gpu else 0, "max_restarts": 0,
                               "max_concurrency": execution.prefetch,
@@ -226,7 +228,7 @@ class _Dispatcher:
         self.actors = [self._new_actor() for _ in range(n_actors)]
         self.settings = {"actors": n_actors, "actor_cpus": actor_cpus, "threads": self.threads,
                          "use_gpu": self.use_gpu, "batch_size": plan.batch_size, "prefetch": execution.prefetch,
-                         "tile_cpus": execution.tile_cpus}
+                         "tile_cpus": execution.tile_cpus, "readers_per_actor": self.readers}
         self.replacements = 0
         self.attempts: dict[int, int] = {}
         self.progress = _Progress(plan.tile_count, execution.progress)
@@ -252,7 +254,7 @@ class _Dispatcher:
         reading: dict[Any, int] = {}
         inferring: dict[Any, tuple[int, list[int]]] = {}
         per_actor = [0] * len(self.actors)
-        max_reading = max(2, int(ray.cluster_resources().get("CPU", 1) / self.ex.tile_cpus))
+        max_reading = self.readers * len(self.actors)
         max_ready = 4 * batch * len(self.actors)
         last_flush = time.monotonic()
         tiles = self.plan.tiles
