@@ -24,6 +24,7 @@ from geoseg.store import PREDICTIONS
 
 CLASSES_TIF = "classes.tif"
 CONFIDENCE_TIF = "confidence.tif"
+MOSAIC_CACHE_MB = 64  # GDAL's block cache defaults to 5% of RAM, which would grow with the mosaic
 
 
 def colormap(card: ModelCard) -> dict[int, tuple[int, int, int, int]]:
@@ -40,7 +41,7 @@ def mosaic(run_dir: str, grid: Grid, card: ModelCard, tags: dict[str, str]) -> d
                             storage_options=storage.storage_options(run_dir) or None)  # type: ignore[arg-type]
     counts: dict[int, int] = {}
     names = json.dumps({str(c.id): c.name for c in card.classes})
-    with tempfile.TemporaryDirectory(prefix="geoseg-mosaic-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="geoseg-mosaic-") as tmp, rasterio.Env(GDAL_CACHEMAX=MOSAIC_CACHE_MB):
         for name, out in (("classes", CLASSES_TIF), ("confidence", CONFIDENCE_TIF)):
             plain, cog = Path(tmp, f"{name}.plain.tif"), Path(tmp, out)
             profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, dtype="uint8",
