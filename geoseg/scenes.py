@@ -93,7 +93,8 @@ def _band_names(src: rasterio.DatasetReader, url: str, given: tuple[str, ...] | 
     if src.dtypes[0] == "uint8" and src.count in (3, 4):
         fourth = "alpha" if src.count == 4 and src.colorinterp[3] == ColorInterp.alpha else "nir"
         names = ("red", "green", "blue", fourth)[: src.count]
-        log.info("scene %s names no bands: assuming %s (8-bit convention); pass --bands to override", url, ",".join(names))
+        log.warning("scene %s names no bands: assuming %s (8-bit convention); pass --bands to override",
+                    url, ",".join(names))
         return names
     raise SceneError(
         f"scene {url} ({src.count} bands, {src.dtypes[0]}) does not name its bands: pass --bands NAME,NAME,... in band order"
