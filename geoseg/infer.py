@@ -7,9 +7,7 @@ On a GPU it runs bf16 autocast with pinned host memory and non-blocking copies; 
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 
 import numpy as np
 import torch
@@ -65,21 +63,15 @@ class Predictor:
         self.batch_size = batch_size
         self._model_lock = threading.Lock()
 
-    def pid(self) -> int:
-        """Process id of the worker (for operators and fault tests)."""
-        return os.getpid()
-
-    def __call__(self, tile_ids: list[int]) -> list[tuple[int, str | None, float]]:
-        """Predict tiles; (tile id, error or None, seconds) each. A failing batch is retried tile by tile
+    def __call__(self, tile_ids: list[int]) -> list[tuple[int, str | None]]:
+        """Predict and write tiles; (tile id, error or None) each. A failing batch is retried tile by tile
         so one bad tile cannot take its batch-mates down with it."""
-        start = time.perf_counter()
         try:
             self._run(tile_ids)
-            took = (time.perf_counter() - start) / len(tile_ids)
-            return [(i, None, took) for i in tile_ids]
+            return [(i, None) for i in tile_ids]
         except Exception as exc:  # recorded per tile by the driver
             if len(tile_ids) == 1:
-                return [(tile_ids[0], f"{type(exc).__name__}: {exc}", time.perf_counter() - start)]
+                return [(tile_ids[0], f"{type(exc).__name__}: {exc}")]
         return [result for i in tile_ids for result in self([i])]
 
     def _run(self, tile_ids: list[int]) -> None:

@@ -290,7 +290,7 @@ class _Dispatcher:
                         for i in ids:
                             self._failed_attempt(i, "infer", f"inference actor died: {_short(exc)}", to_infer)
                         continue
-                    for i, err, _ in results:
+                    for i, err in results:
                         if err is None:
                             self.ledger.mark_done(i)
                         else:
