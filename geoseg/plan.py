@@ -94,8 +94,7 @@ class RunPlan:
                 for s in d["scenes"]
             ),
             grid=Grid(**d["grid"]),
-            tiles=np.stack([np.asarray(d["tiles"]["row"], np.int32), np.asarray(d["tiles"]["col"], np.int32)], axis=1)
-            if d["tiles"]["row"] else np.empty((0, 2), np.int32),
+            tiles=np.column_stack([d["tiles"]["row"], d["tiles"]["col"]]).astype(np.int32).reshape(-1, 2),
             region_wkt=d["region_wkt"],
             batch_size=d["batch_size"],
             vectorise=VectoriseSettings(**d["vectorise"]),
