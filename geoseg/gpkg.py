@@ -50,7 +50,7 @@ class GpkgWriter:
         self.count = 0
         self._created = False
         self._closed = False
-        self._geoms: list[np.ndarray] = []
+        self._wkb: list[np.ndarray] = []
         self._cols: dict[str, list[np.ndarray]] = {k: [] for k in self.fields}
         self._buffered = 0
 
@@ -66,20 +66,25 @@ class GpkgWriter:
 
     def write(self, geometries: np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
         """Buffer one batch of (Multi)Polygons with their columns; flush when the buffer is full."""
+        self.write_wkb(shapely.to_wkb(np.asarray(geometries, dtype=object)), columns)
+
+    def write_wkb(self, wkb: np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
+        """Like :meth:`write`, for geometries already encoded as WKB (as they come back from workers):
+        the driver then never builds geometry objects for them."""
         if self._closed:
             raise ConfigError("GpkgWriter already committed or aborted: open a new writer")
-        geometries = np.asarray(geometries, dtype=object)
+        wkb = np.asarray(wkb, dtype=object)
         if set(columns) != set(self.fields):
             raise ConfigError(f"columns {sorted(columns)} do not match the layer's fields {sorted(self.fields)}")
         for name, values in columns.items():
-            if len(values) != len(geometries):
-                raise ConfigError(f"column {name} has {len(values)} values for {len(geometries)} geometries")
-        if len(geometries) == 0:
+            if len(values) != len(wkb):
+                raise ConfigError(f"column {name} has {len(values)} values for {len(wkb)} geometries")
+        if len(wkb) == 0:
             return
-        self._geoms.append(geometries)
+        self._wkb.append(wkb)
         for name, values in columns.items():
             self._cols[name].append(np.asarray(values))
-        self._buffered += len(geometries)
+        self._buffered += len(wkb)
         if self._buffered >= self.batch_size:
             self._flush()
 
@@ -103,25 +108,24 @@ class GpkgWriter:
     def abort(self) -> None:
         """Drop the temporary file; the target is left as it was."""
         self._closed = True
-        self._geoms.clear()
+        self._wkb.clear()
         for suffix in ("", "-journal", "-wal", "-shm"):
             Path(str(self.tmp_path) + suffix).unlink(missing_ok=True)
 
     def _flush(self) -> None:
         if not self._buffered:
             return
-        geoms = np.concatenate(self._geoms)
+        wkb = np.concatenate(self._wkb)
         cols = {k: np.concatenate(v) for k, v in self._cols.items()}
-        self._geoms.clear()
+        self._wkb.clear()
         for v in self._cols.values():
             v.clear()
         self._buffered = 0
-        self._append(geoms, cols)
+        self._append(wkb, cols)
 
-    def _append(self, geoms: np.ndarray, cols: Mapping[str, np.ndarray]) -> None:
+    def _append(self, wkb: np.ndarray, cols: Mapping[str, np.ndarray]) -> None:
         names = list(self.fields)
         data = [_column(cols[k], self.fields[k]) for k in names]
-        wkb = shapely.to_wkb(geoms)
         kwargs: dict[str, object] = {}
         if not self._created:
             kwargs = {"dataset_metadata": self.metadata or None,
@@ -130,7 +134,7 @@ class GpkgWriter:
                           geometry_type="MultiPolygon", promote_to_multi=True, crs=self.crs_wkt,
                           append=self._created, **kwargs)
         self._created = True
-        self.count += len(geoms)
+        self.count += len(wkb)
 
 
 def _column(values: np.ndarray, kind: str) -> np.ndarray:

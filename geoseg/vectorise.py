@@ -20,10 +20,12 @@ Options that change the polygons are off by default:
 
 from __future__ import annotations
 
+import gc
 import heapq
 import json
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -96,8 +98,10 @@ def label_block(classes: np.ndarray, row_off: int, col_off: int, connectivity: i
     with 4-connectivity GDAL writes such contacts as a hole touching its shell, which is valid.
     """
     to_pixels = Affine.translation(col_off, row_off)
-    found = list(rasterio.features.shapes(classes, mask=classes != 0, connectivity=connectivity, transform=to_pixels))
-    geo = polygons_from_geojson([g for g, _ in found])
+    with _gc_paused():
+        found = list(rasterio.features.shapes(classes, mask=classes != 0, connectivity=connectivity,
+                                              transform=to_pixels))
+        geo = polygons_from_geojson([g for g, _ in found])
     if connectivity == 8:
         bad = ~shapely.is_valid(geo)
         geo[bad] = shapely.make_valid(geo[bad], method="structure", keep_collapsed=False)
@@ -113,6 +117,19 @@ def label_block(classes: np.ndarray, row_off: int, col_off: int, connectivity: i
                                              dtype="int32")
     counts = np.rint(shapely.area(geo)).astype(np.int64)  # pixel polygons: area in px2 is the pixel count
     return Labelled(labels, geo, np.array([int(v) for _, v in found], dtype=np.int64), counts)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: GeoJSON is millions of small lists and tuples, none of them in a
+    cycle, and the collector rescanning them took about half of the polygonising time (measured)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def polygons_from_geojson(polys: Sequence[Mapping[str, list]]) -> np.ndarray:
@@ -160,34 +177,47 @@ def crossing_labels(strips: Strips) -> np.ndarray:
 
 
 @dataclass
+class Finished:
+    """Complete regions ready to write: WKB geometries with their class, pixel count and confidence sum."""
+
+    wkb: np.ndarray  # object array of WKB bytes: compact to ship from a task, written as is
+    classes: np.ndarray
+    counts: np.ndarray
+    conf: np.ndarray  # sum of confidence (0..255) per region, NaN when absent
+
+
+@dataclass
 class BlockPieces:
-    """What a block's task returns: finished polygons, and the pieces and strips for joining."""
+    """What a block's task returns: its finished regions, and the pieces and strips for joining."""
 
     win: BlockWindow
-    final_geoms: np.ndarray  # pixel coordinates
-    final_classes: np.ndarray
-    final_counts: np.ndarray
-    final_conf: np.ndarray  # sum of confidence (0..255) per polygon, NaN when absent
+    final: Finished  # CRS coordinates when the task was given the transform, else pixel coordinates
     piece_labels: np.ndarray  # sorted labels of the pieces touching internal borders
-    piece_geoms: np.ndarray  # pixel coordinates
-    piece_classes: np.ndarray
-    piece_counts: np.ndarray
-    piece_conf: np.ndarray
+    pieces: Finished  # pixel coordinates (exact shared edges for the union)
     strips: Strips
 
 
 def polygonise_block(classes: np.ndarray, confidence: np.ndarray | None, win: BlockWindow,
-                     connectivity: int) -> BlockPieces:
-    """Polygonise one block; split its regions into finished polygons and pieces crossing a border."""
+                     connectivity: int, transform: Affine | None = None) -> BlockPieces:
+    """Polygonise one block; split its regions into finished polygons and pieces crossing a border.
+
+    Finished polygons are put in CRS coordinates here when ``transform`` is given, so the driver only
+    has to write their WKB.
+    """
     lab = label_block(classes, win.row_off, win.col_off, connectivity, full=confidence is not None)
     conf = region_sums(lab.labels, len(lab.geoms), confidence)
     strips = border_strips(lab.labels, win)
     crossing = crossing_labels(strips)
     is_final = np.ones(len(lab.geoms), dtype=bool)
     is_final[crossing - 1] = False
+    final = lab.geoms[is_final]
+    if transform is not None:
+        final = to_crs(final, transform)
     idx = crossing - 1
-    return BlockPieces(win, lab.geoms[is_final], lab.classes[is_final], lab.counts[is_final],
-                       conf[is_final], crossing, lab.geoms[idx], lab.classes[idx], lab.counts[idx], conf[idx], strips)
+    return BlockPieces(win, Finished(shapely.to_wkb(final), lab.classes[is_final], lab.counts[is_final],
+                                     conf[is_final]),
+                       crossing, Finished(shapely.to_wkb(lab.geoms[idx]), lab.classes[idx], lab.counts[idx],
+                                          conf[idx]), strips)
 
 
 def to_crs(geoms: np.ndarray, transform: Affine) -> np.ndarray:
@@ -301,30 +331,146 @@ def join_groups(blocks: Sequence[tuple[BlockWindow, Strips, np.ndarray, np.ndarr
     return uf.roots(), offset
 
 
-def join_pieces(pieces: Sequence[BlockPieces], connectivity: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Union the crossing pieces of every region into one valid polygon per region (pixel coordinates).
+# The seams a region can continue across, seen from a block: (row step, column step, this block's strip and
+# the part of it, the neighbour's facing strip and its part). Corners only count for 8-connectivity.
+_SEAMS = ((-1, 0, "top", slice(None), "bottom", slice(None)), (1, 0, "bottom", slice(None), "top", slice(None)),
+          (0, -1, "left", slice(None), "right", slice(None)), (0, 1, "right", slice(None), "left", slice(None)))
+_CORNERS = ((-1, -1, "top", slice(0, 1), "bottom", slice(-1, None)),
+            (-1, 1, "top", slice(-1, None), "bottom", slice(0, 1)),
+            (1, -1, "bottom", slice(0, 1), "top", slice(-1, None)),
+            (1, 1, "bottom", slice(-1, None), "top", slice(0, 1)))
 
-    Returns geometries, class ids, pixel counts and confidence sums, one entry per region.
+
+@dataclass
+class MergeJob:
+    """Complete regions to assemble from their pieces: group ``k`` is pieces ``starts[k]:starts[k+1]``."""
+
+    pieces: Finished  # pixel coordinates
+    starts: np.ndarray
+    transform: Affine | None
+
+
+class SeamJoiner:
+    """Joins the pieces of regions cut by block borders while blocks arrive, and hands out each region as
+    soon as it is complete.
+
+    A piece stays open while a block it touches across a seam has not arrived; a group of pieces (one
+    region) is complete when none of its pieces is open. So the joiner holds only the pieces and strips
+    along the front of arrived blocks, not those of the whole raster.
     """
-    roots, _ = join_groups([(p.win, p.strips, p.piece_labels, p.piece_classes) for p in pieces], connectivity)
-    if len(roots) == 0:
-        return np.zeros(0, dtype=object), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    geoms = np.concatenate([p.piece_geoms for p in pieces])
-    classes = np.concatenate([p.piece_classes for p in pieces])
-    counts = np.concatenate([p.piece_counts for p in pieces])
-    conf = np.concatenate([p.piece_conf for p in pieces])
-    order = np.argsort(roots, kind="stable")
-    starts = np.flatnonzero(np.r_[True, roots[order][1:] != roots[order][:-1]])
-    groups = np.split(order, starts[1:])
-    out = np.empty(len(groups), dtype=object)
-    for i, g in enumerate(groups):
-        out[i] = geoms[g[0]] if len(g) == 1 else merge_pieces(geoms[g])
-    firsts = order[starts]
-    return (out, classes[firsts], np.add.reduceat(counts[order], starts),
-            np.add.reduceat(conf[order], starts))
+
+    def __init__(self, grid: Sequence[BlockWindow], connectivity: int) -> None:
+        self.connectivity = connectivity
+        self.keys = {(w.bi, w.bj) for w in grid}
+        self.seams = _SEAMS + (_CORNERS if connectivity == 8 else ())
+        self.arrived: set[BlockKey] = set()
+        self.strips: dict[BlockKey, Strips] = {}
+        self.looks: dict[BlockKey, np.ndarray] = {}  # label -> class
+        self.nodes: dict[BlockKey, np.ndarray] = {}  # label -> node id
+        self.parent: dict[int, int] = {}
+        self.open: dict[int, int] = {}  # root -> (piece, neighbour block not yet arrived) pairs
+        self.members: dict[int, list[int]] = {}
+        self.waiting: dict[BlockKey, list[int]] = {}  # block -> nodes that wait for it
+        self.data: dict[int, tuple[bytes, int, int, float]] = {}  # node -> WKB, class, pixels, confidence sum
+        self.next_node = 0
+
+    def _neighbours(self, key: BlockKey, strips: Strips) -> Iterator[tuple[BlockKey, np.ndarray, str, slice, bool]]:
+        for di, dj, side, part, their_side, their_part in self.seams:
+            nkey = (key[0] + di, key[1] + dj)
+            mine = getattr(strips, side)
+            if mine is not None and nkey in self.keys:
+                yield nkey, mine[part], their_side, their_part, di != 0 and dj != 0
+
+    def _find(self, x: int) -> int:
+        p = self.parent
+        while p[x] != x:
+            p[x] = p[p[x]]
+            x = p[x]
+        return x
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra == rb:
+            return
+        if len(self.members[ra]) < len(self.members[rb]):
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.open[ra] += self.open.pop(rb)
+        self.members[ra] += self.members.pop(rb)
+
+    def add(self, block: BlockPieces) -> list[list[int]]:
+        """Take one block's pieces; return the groups of nodes (one per region) that became complete."""
+        key = (block.win.bi, block.win.bj)
+        labels = block.piece_labels
+        n = int(labels.max()) if len(labels) else 0
+        nodes = np.full(n + 1, -1, dtype=np.int64)
+        nodes[labels] = self.next_node + np.arange(len(labels))
+        look = _class_lookup(labels, block.pieces.classes, n)
+        p = block.pieces
+        for k, node in enumerate(range(self.next_node, self.next_node + len(labels))):
+            self.parent[node] = node
+            self.open[node] = 0
+            self.members[node] = [node]
+            self.data[node] = (p.wkb[k], int(p.classes[k]), int(p.counts[k]), float(p.conf[k]))
+        self.next_node += len(labels)
+        self.arrived.add(key)
+        self.strips[key], self.looks[key], self.nodes[key] = block.strips, look, nodes
+        for nkey, mine, their_side, their_part, corner in self._neighbours(key, block.strips):
+            if nkey in self.arrived:
+                theirs = getattr(self.strips[nkey], their_side)[their_part]
+                pa, pb = border_pairs(mine, theirs, look, self.looks[nkey], 4 if corner else self.connectivity)
+                if len(pa):
+                    for x, y in np.unique(np.stack([nodes[pa], self.nodes[nkey][pb]], axis=1), axis=0):
+                        self._union(int(x), int(y))
+            else:
+                touching = np.unique(mine)
+                for node in nodes[touching[touching > 0]]:
+                    self.open[self._find(int(node))] += 1
+                    self.waiting.setdefault(nkey, []).append(int(node))
+        candidates = [int(x) for x in nodes[labels]]
+        for node in self.waiting.pop(key, []):
+            self.open[self._find(node)] -= 1
+            candidates.append(node)
+        done: list[list[int]] = []
+        for root in dict.fromkeys(self._find(c) for c in candidates):
+            if self.open[root] == 0:
+                group = sorted(self.members.pop(root))
+                del self.open[root]
+                for node in group:
+                    del self.parent[node]
+                done.append(group)
+        for k in [key] + [nkey for nkey, *_ in self._neighbours(key, block.strips)]:
+            if k in self.strips and all(nk in self.arrived for nk, *_ in self._neighbours(k, self.strips[k])):
+                del self.strips[k], self.looks[k], self.nodes[k]
+        return done
+
+    def take(self, groups: Sequence[Sequence[int]], transform: Affine | None) -> MergeJob:
+        """The pieces of complete groups, removed from the joiner, as one job for :func:`merge_task`."""
+        rows = [self.data.pop(node) for g in groups for node in g]
+        sizes = np.array([len(g) for g in groups], dtype=np.int64)
+        wkb = np.empty(len(rows), dtype=object)
+        wkb[:] = [r[0] for r in rows]
+        pieces = Finished(wkb, np.array([r[1] for r in rows], dtype=np.int64),
+                          np.array([r[2] for r in rows], dtype=np.int64), np.array([r[3] for r in rows]))
+        return MergeJob(pieces, np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64), transform)
+
+    def __len__(self) -> int:
+        """Pieces held (open, or complete but not yet taken)."""
+        return len(self.data)
 
 
+def merge_task(job: MergeJob) -> Finished:
+    """Union the pieces of every group into one region (a Ray task, or a plain call without Ray)."""
+    geoms = shapely.from_wkb(job.pieces.wkb)
+    ends = np.r_[job.starts[1:], len(geoms)]
+    out = np.empty(len(job.starts), dtype=object)
+    for i, (s, e) in enumerate(zip(job.starts, ends)):
+        out[i] = geoms[s] if e - s == 1 else merge_pieces(geoms[s:e])
+    if job.transform is not None:
+        out = to_crs(out, job.transform)
+    p = job.pieces
+    return Finished(shapely.to_wkb(out), p.classes[job.starts], np.add.reduceat(p.counts, job.starts),
+                    np.add.reduceat(p.conf, job.starts))
 def merge_pieces(geoms: np.ndarray) -> shapely.Geometry:
     """One region from pieces that share exact pixel edges; the seam's collinear vertices are dropped."""
     merged = shapely.union_all(geoms)
@@ -566,10 +712,7 @@ def _block_classes(task: BlockTask) -> np.ndarray:
 def polygonise_task(task: BlockTask) -> BlockPieces:
     """Read and polygonise one block (a Ray task, or a plain call without Ray)."""
     conf = _read(task.confidence_path, task.win) if task.confidence_path else None
-    block = polygonise_block(_block_classes(task), conf, task.win, task.connectivity)
-    if task.transform is not None:
-        block.final_geoms = to_crs(block.final_geoms, task.transform)
-    return block
+    return polygonise_block(_block_classes(task), conf, task.win, task.connectivity, task.transform)
 
 
 def graph_task(task: BlockTask) -> PatchGraph:
@@ -577,25 +720,56 @@ def graph_task(task: BlockTask) -> PatchGraph:
     return patch_graph_block(_read(task.classes_path, task.win), task.win, task.connectivity, task.raster_width)
 
 
-def map_blocks(fn: Callable[[BlockTask], T], tasks: Sequence[BlockTask]) -> Iterator[T]:
-    """Results of ``fn`` over the tasks, in task order; Ray tasks when Ray is up, else in-process.
+class _Jobs:
+    """An ordered queue of jobs: Ray tasks when Ray is up, else plain calls made when the result is taken.
 
-    At most two tasks per CPU are in flight, so the driver holds a bounded number of block results.
+    Results are taken in submission order (the output is deterministic), and at most two jobs per
+    cluster CPU are in flight, so the driver holds a bounded number of results.
     """
-    import ray
 
-    if not ray.is_initialized():
-        yield from map(fn, tasks)
-        return
-    remote = ray.remote(num_cpus=1, max_retries=2, runtime_env={"env_vars": storage.forwarded_env()})(fn)
-    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    pending: deque[ray.ObjectRef] = deque()
-    for task in tasks:
-        pending.append(remote.remote(task))
-        if len(pending) >= window:
-            yield ray.get(pending.popleft())
-    while pending:
-        yield ray.get(pending.popleft())
+    def __init__(self) -> None:
+        import ray
+
+        self.ray = ray if ray.is_initialized() else None
+        self.window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1))) if self.ray else 1
+        self.remotes: dict[Callable, object] = {}
+        self.pending: deque[object] = deque()
+
+    def submit(self, fn: Callable[[T], object], arg: T) -> None:
+        if self.ray is None:
+            self.pending.append((fn, arg))
+            return
+        if fn not in self.remotes:
+            self.remotes[fn] = self.ray.remote(num_cpus=1, max_retries=2,
+                                               runtime_env={"env_vars": storage.forwarded_env()})(fn)
+        self.pending.append(self.remotes[fn].remote(arg))
+
+    def full(self) -> bool:
+        return len(self.pending) >= self.window
+
+    def take(self) -> object:
+        """The oldest job's result (waits for it)."""
+        job = self.pending.popleft()
+        if self.ray is None:
+            fn, arg = job
+            return fn(arg)
+        return self.ray.get(job)
+
+
+def map_blocks(fn: Callable[[BlockTask], T], tasks: Sequence[BlockTask]) -> Iterator[T]:
+    """Results of ``fn`` over the tasks, in task order, through :class:`_Jobs`."""
+    jobs = _Jobs()
+    todo = iter(tasks)
+    for task in todo:
+        jobs.submit(fn, task)
+        if jobs.full():
+            break
+    while jobs.pending:
+        result = jobs.take()
+        task = next(todo, None)
+        if task is not None:
+            jobs.submit(fn, task)
+        yield result
 
 
 @dataclass(frozen=True)
@@ -649,17 +823,18 @@ class _Sink:
         self.areas: dict[str, float] = {}
         self._held: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def add(self, geoms: np.ndarray, classes: np.ndarray, counts: np.ndarray, conf: np.ndarray,
-            in_crs: bool = False) -> None:
-        """Write regions now (pixel coordinates, or CRS ones if ``in_crs``), or hold them (pixel coordinates)
-        when the whole coverage must be simplified together."""
+    def add(self, regions: Finished, in_crs: bool) -> None:
+        """Write regions now (WKB in CRS coordinates if ``in_crs``, else pixel coordinates), or hold them
+        (pixel coordinates) when the whole coverage must be simplified together."""
         if self.simplify_px > 0:
             if in_crs:
                 raise ValueError("regions to simplify must be in pixel coordinates")
-            self._held.append((geoms, classes, counts, conf))
-        else:
-            self._write(geoms if in_crs else to_crs(geoms, self.info.transform), classes,
-                        counts.astype(np.float64) * self.pixel_m2, conf / counts / 255.0)
+            self._held.append((shapely.from_wkb(regions.wkb), regions.classes, regions.counts, regions.conf))
+            return
+        wkb = regions.wkb if in_crs else shapely.to_wkb(to_crs(shapely.from_wkb(regions.wkb),
+                                                               self.info.transform))
+        self._write(wkb, regions.classes, regions.counts.astype(np.float64) * self.pixel_m2,
+                    regions.conf / regions.counts / 255.0)
 
     def finish(self) -> None:
         """Simplify the held coverage (if any) and write it."""
@@ -668,16 +843,16 @@ class _Sink:
         geoms, classes, counts, conf = (np.concatenate(x) for x in zip(*self._held))
         self._held.clear()
         simple = simplify_coverage(geoms, self.simplify_px)
-        self._write(to_crs(simple, self.info.transform), classes, shapely.area(simple) * self.pixel_m2,
+        self._write(shapely.to_wkb(to_crs(simple, self.info.transform)), classes, shapely.area(simple) * self.pixel_m2,
                     conf / counts / 255.0)
 
-    def _write(self, geoms: np.ndarray, classes: np.ndarray, area_m2: np.ndarray, conf: np.ndarray) -> None:
+    def _write(self, wkb: np.ndarray, classes: np.ndarray, area_m2: np.ndarray, conf: np.ndarray) -> None:
         ids, inverse = np.unique(classes, return_inverse=True)
         id_names = np.array([self.names.get(int(c), f"class_{int(c)}") for c in ids], dtype=object)
         names = id_names[inverse]
         for n, a in zip(id_names, np.bincount(inverse, weights=area_m2, minlength=len(ids))):
             self.areas[n] = self.areas.get(n, 0.0) + float(a)
-        self.writer.write(geoms, {"class_id": classes, "class_name": names, "area_m2": area_m2,
+        self.writer.write_wkb(wkb, {"class_id": classes, "class_name": names, "area_m2": area_m2,
                                   "mean_confidence": conf})
 
 
@@ -696,8 +871,9 @@ def vectorise(
     """Polygonise a class raster into the ``landcover`` layer of a GeoPackage, block by block.
 
     With the defaults the polygons are exactly those of one ``rasterio.features.shapes`` call over the
-    whole raster (made valid), whatever the block size; the driver only ever holds block strips, the
-    pieces crossing block borders and one batch of finished polygons. Returns class name -> area (m2).
+    whole raster (made valid), whatever the block size; the driver only ever holds the strips and open
+    border pieces along the front of arrived blocks, a few block results in flight and one batch of
+    finished polygons (as WKB). Returns class name -> area (m2).
     """
     if connectivity not in (4, 8):
         raise ConfigError(f"connectivity must be 4 or 8, got {connectivity}")
@@ -715,16 +891,46 @@ def vectorise(
     if simplify_m == 0:
         tasks = [replace(t, transform=info.transform) for t in tasks]
     pixel_size = float(np.sqrt(abs(info.transform.determinant))) * info.metres_per_unit
+    in_crs = simplify_m == 0
     with GpkgWriter(out_gpkg, LAYER, info.crs_wkt, FIELDS, metadata) as writer:
         sink = _Sink(writer, info, names, simplify_m / pixel_size)
-        pieces: list[BlockPieces] = []
-        for block in map_blocks(polygonise_task, tasks):
-            sink.add(block.final_geoms, block.final_classes, block.final_counts, block.final_conf,
-                     in_crs=simplify_m == 0)
-            pieces.append(BlockPieces(block.win, block.final_geoms[:0], block.final_classes[:0],
-                                      block.final_counts[:0], block.final_conf[:0], block.piece_labels,
-                                      block.piece_geoms, block.piece_classes, block.piece_counts,
-                                      block.piece_conf, block.strips))
-        sink.add(*join_pieces(pieces, connectivity))
+        _stream(tasks, SeamJoiner(grid, connectivity), sink, info.transform if in_crs else None)
         sink.finish()
     return sink.areas
+
+
+MERGE_BATCH = 2000  # pieces per merge job: large enough to amortise a task, small enough to bound its memory
+
+
+def _stream(tasks: Sequence[BlockTask], joiner: SeamJoiner, sink: _Sink, transform: Affine | None) -> None:
+    """Polygonise the blocks, write finished regions as they arrive, and merge regions cut by borders in
+    jobs of their own as soon as all their pieces are in."""
+    jobs = _Jobs()
+    todo = iter(tasks)
+    batch: list[list[int]] = []
+    in_batch = 0
+
+    def refill() -> None:
+        while not jobs.full():
+            task = next(todo, None)
+            if task is None:
+                return
+            jobs.submit(polygonise_task, task)
+
+    refill()
+    while jobs.pending:
+        result = jobs.take()
+        if isinstance(result, BlockPieces):
+            sink.add(result.final, in_crs=transform is not None)
+            for group in joiner.add(result):
+                batch.append(group)
+                in_batch += len(group)
+            last = len(joiner.arrived) == len(joiner.keys)
+            if batch and (in_batch >= MERGE_BATCH or last):
+                jobs.submit(merge_task, joiner.take(batch, transform))
+                batch, in_batch = [], 0
+        else:
+            sink.add(result, in_crs=transform is not None)
+        refill()
+    if len(joiner):
+        raise RuntimeError(f"{len(joiner)} border pieces left unjoined: a block result is missing")
