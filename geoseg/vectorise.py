@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import itertools
 import json
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -82,41 +83,63 @@ def block_grid(height: int, width: int, block_size: int) -> list[BlockWindow]:
 class Labelled:
     """A block's regions: label image (0 = nodata, region ``k`` has label ``k + 1``) and per-region values."""
 
-    labels: np.ndarray  # int32, block shape; unless labelled in full, only regions touching the block's edge
+    labels: np.ndarray | None  # int32, block shape; None unless asked for (``full``)
     geoms: np.ndarray  # valid (Multi)Polygons in global pixel coordinates
     classes: np.ndarray  # int64 class id per region
     counts: np.ndarray  # int64 pixels per region
 
 
 def label_block(classes: np.ndarray, row_off: int, col_off: int, connectivity: int, full: bool = True) -> Labelled:
-    """Polygonise one block and rasterise the polygons back to a label image.
+    """Polygonise one block, and (``full``) rasterise the polygons back to a label image.
 
     GDAL's own polygoniser defines the regions (so they are exactly its regions); the label image
-    lets strips and per-region sums be read without a second labelling code. When only the strips are
-    needed (``full=False``), only the regions touching the block's edge are rasterised, which is most
-    of the saving. Self-touching rings (8-connectivity) are made valid here, each still one region;
-    with 4-connectivity GDAL writes such contacts as a hole touching its shell, which is valid.
+    lets per-region sums be read without a second labelling code. Self-touching rings (8-connectivity)
+    are made valid here, each still one region; with 4-connectivity GDAL writes such contacts as a
+    hole touching its shell, which is valid.
     """
     to_pixels = Affine.translation(col_off, row_off)
     with _gc_paused():
         found = list(rasterio.features.shapes(classes, mask=classes != 0, connectivity=connectivity,
                                               transform=to_pixels))
         geo = polygons_from_geojson([g for g, _ in found])
+        values = np.fromiter((v for _, v in found), dtype=np.float64, count=len(found)).astype(np.int64)
+        labels = None
+        if full:
+            labels = np.zeros(classes.shape, dtype=np.int32)
+            if found:
+                labels = rasterio.features.rasterize(((g, i + 1) for i, (g, _) in enumerate(found)),
+                                                     out_shape=classes.shape, transform=to_pixels, fill=0,
+                                                     dtype="int32")
     if connectivity == 8:
         bad = ~shapely.is_valid(geo)
         geo[bad] = shapely.make_valid(geo[bad], method="structure", keep_collapsed=False)
-    burn = np.ones(len(geo), dtype=bool)
-    if not full and len(geo):
-        x0, y0, x1, y1 = shapely.bounds(geo).T
-        h, w = classes.shape
-        burn = (x0 == col_off) | (y0 == row_off) | (x1 == col_off + w) | (y1 == row_off + h)
-    labels = np.zeros(classes.shape, dtype=np.int32)
-    if burn.any():
-        shapes = ((found[i][0], i + 1) for i in np.flatnonzero(burn))
-        labels = rasterio.features.rasterize(shapes, out_shape=classes.shape, transform=to_pixels, fill=0,
-                                             dtype="int32")
     counts = np.rint(shapely.area(geo)).astype(np.int64)  # pixel polygons: area in px2 is the pixel count
-    return Labelled(labels, geo, np.array([int(v) for _, v in found], dtype=np.int64), counts)
+    return Labelled(labels, geo, values, counts)
+
+
+def edge_strips(classes: np.ndarray, geoms: np.ndarray, win: BlockWindow) -> Strips:
+    """The labels along a block's internal sides without rasterising the block.
+
+    A run of equal class along a side is connected, so it lies in one region: the region holding the
+    centre of the run's first pixel (never on a polygon edge, which lie on the pixel grid) labels it.
+    """
+    tree = shapely.STRtree(geoms)
+
+    def side(values: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        start = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+        run_label = np.zeros(len(start), dtype=np.int32)
+        inside = np.flatnonzero(values[start] != 0)
+        centres = shapely.points(cols[start[inside]] + win.col_off + 0.5, rows[start[inside]] + win.row_off + 0.5)
+        point, region = tree.query(centres, predicate="within")
+        run_label[inside[point]] = region + 1
+        return np.repeat(run_label, np.diff(np.r_[start, len(values)]))
+
+    h, w = classes.shape
+    across, down = np.arange(w), np.arange(h)
+    return Strips(side(classes[0], np.zeros(w, int), across) if win.top else None,
+                  side(classes[-1], np.full(w, h - 1), across) if win.bottom else None,
+                  side(classes[:, 0], down, np.zeros(h, int)) if win.left else None,
+                  side(classes[:, -1], down, np.full(h, w - 1)) if win.right else None)
 
 
 @contextmanager
@@ -140,14 +163,13 @@ def polygons_from_geojson(polys: Sequence[Mapping[str, list]]) -> np.ndarray:
     ring_len = np.fromiter((len(r) for r in rings), dtype=np.int64, count=len(rings))
     ring_of = np.repeat(np.arange(len(rings)), ring_len)
     poly_of = np.repeat(np.arange(len(polys)), [len(p["coordinates"]) for p in polys])
-    xy = np.array([xy for r in rings for xy in r], dtype=np.float64)
+    chain = itertools.chain.from_iterable
+    xy = np.fromiter(chain(chain(rings)), dtype=np.float64, count=2 * int(ring_len.sum())).reshape(-1, 2)
     return shapely.polygons(shapely.linearrings(xy, indices=ring_of), indices=poly_of)
 
 
-def region_sums(labels: np.ndarray, n: int, values: np.ndarray | None) -> np.ndarray:
-    """Sum of ``values`` over each region's pixels (NaN when there are no values)."""
-    if values is None:
-        return np.full(n, np.nan)
+def region_sums(labels: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
+    """Sum of ``values`` over each region's pixels."""
     return np.bincount(labels.ravel(), weights=values.ravel().astype(np.float64), minlength=n + 1)[1:]
 
 
@@ -205,8 +227,12 @@ def polygonise_block(classes: np.ndarray, confidence: np.ndarray | None, win: Bl
     has to write their WKB.
     """
     lab = label_block(classes, win.row_off, win.col_off, connectivity, full=confidence is not None)
-    conf = region_sums(lab.labels, len(lab.geoms), confidence)
-    strips = border_strips(lab.labels, win)
+    if lab.labels is None:
+        conf = np.full(len(lab.geoms), np.nan)
+        strips = edge_strips(classes, lab.geoms, win)
+    else:
+        conf = region_sums(lab.labels, len(lab.geoms), confidence)
+        strips = border_strips(lab.labels, win)
     crossing = crossing_labels(strips)
     is_final = np.ones(len(lab.geoms), dtype=bool)
     is_final[crossing - 1] = False
