@@ -20,7 +20,8 @@ from shapely.geometry import shape
 
 from conftest import write_raster
 from geoseg.errors import ConfigError
-from geoseg.vectorise import CLASS_NAMES_TAG, load_legend, vectorise
+from geoseg.vectorise import (CLASS_NAMES_TAG, SeamJoiner, block_grid, load_legend, merge_task, polygonise_block,
+                              vectorise)
 
 TRANSFORM = Affine(10, 0, 500000, 0, -10, 5650000)
 PIXEL_M2 = 100.0
@@ -195,6 +196,36 @@ def test_diagonal_patterns_under_8_connectivity(tmp_path: Path, seed: int, block
     a = np.where(rng.random((n, n)) < 0.8, checker * rng.integers(1, 3), 0).astype(np.uint8)
     gdf, _ = run(tmp_path, a, block_size=block_size, connectivity=8)
     assert_equal_to_whole(gdf, a, 8)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_seam_joiner_holds_only_the_front_of_arrived_blocks(connectivity: int) -> None:
+    """Blocks arrive row by row: a region is handed out as soon as its last block is in, and a block's strips
+    are dropped once all its neighbours are in, so the joiner never holds more than about one block row."""
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 4, (48, 40)).astype(np.uint8)
+    a[:, 17] = 3  # one region running through every block row: it stays open to the end
+    grid = block_grid(*a.shape, 8)
+    per_row = 5
+    joiner = SeamJoiner(grid, connectivity)
+    handed_out_early = 0
+    regions = 0
+    for w in grid:
+        block = polygonise_block(a[w.row_off:w.row_off + w.height, w.col_off:w.col_off + w.width], None, w,
+                                 connectivity)
+        regions += len(block.final.wkb)
+        groups = joiner.add(block)
+        assert len(joiner.strips) <= per_row + 2
+        if groups:
+            job = joiner.take(groups, None)
+            for cls in np.split(job.pieces.classes, job.starts[1:]):
+                assert (cls == cls[0]).all()  # a region's pieces share their class
+            merged = merge_task(job)
+            regions += len(merged.wkb)
+            handed_out_early += w.bi < grid[-1].bi
+    assert handed_out_early > 0
+    assert len(joiner) == 0 and not joiner.strips and not joiner.parent and not joiner.waiting
+    assert regions == len(reference(a, connectivity)[0])
 
 
 # --- the layer, the attributes, the interface ---------------------------------------------------------------------
