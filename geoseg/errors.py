@@ -34,6 +34,3 @@ class RunDirError(GeosegError, FileNotFoundError):
 class ConfigError(GeosegError, ValueError):
     """A setting has a value geoseg cannot use."""
 
-
-class TileError(GeosegError, RuntimeError):
-    """One tile failed in one stage; recorded in the ledger, never fatal to the run."""

@@ -8,6 +8,7 @@ the region, or valid in no scene, are stored as invalid and come out as class 0 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from rasterio.features import geometry_mask
@@ -24,6 +25,7 @@ class TileJob:
     """What every tile task of a run shares: small, shipped once to the cluster."""
 
     run_dir: str
+    run_id: str
     grid: Grid
     scenes: tuple[SceneUse, ...]
     region_grid_wkt: str | None
@@ -60,10 +62,18 @@ def make_tile(job: TileJob, stores: Stores, tile_id: int, row: int, col: int) ->
     stores.write_tile(tile_id, image, valid)
 
 
+@lru_cache(maxsize=4)
+def _stores(run_dir: str, run_id: str) -> Stores:
+    """The run's open stores, kept by a reused worker process: their metadata is read once, not per tile.
+
+    Keyed on the run id too, since ``--overwrite`` recreates the stores of a RUN_DIR for a new run."""
+    return Stores(run_dir)
+
+
 def run_tile(job: TileJob, tile_id: int, row: int, col: int) -> tuple[int, str | None]:
     """Task body: make one tile, reporting (id, error) instead of raising so the driver records it."""
     try:
-        make_tile(job, Stores(job.run_dir), tile_id, row, col)
+        make_tile(job, _stores(job.run_dir, job.run_id), tile_id, row, col)
         return tile_id, None
     except Exception as exc:  # any failure is this tile's, recorded in the ledger
         return tile_id, f"{type(exc).__name__}: {exc}"
