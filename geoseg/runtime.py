@@ -220,8 +220,8 @@ class _Dispatcher:
                               "runtime_env": {"env_vars": {**runtime_env["env_vars"],
                                                            "OMP_NUM_THREADS": str(self.threads)}}}
         self.tiles_ref = ray.put(plan.tiles)
-        self.job_ref = ray.put(TileJob(run_dir, plan.run_id, plan.grid, plan.scenes, _region_in_grid(plan), card.input_dtype,
-                                       len(card.bands)))
+        self.job_ref = ray.put(TileJob(run_dir, plan.run_id, plan.grid, plan.scenes, _region_in_grid(plan),
+                                       card.input_dtype, len(card.bands)))
         self.tile_remote = ray.remote(run_tile).options(num_cpus=execution.tile_cpus, max_retries=0,
                                                          runtime_env=runtime_env)
         self.actor_class = ray.remote(Predictor)
