@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _vectorise_options(p)
     p = sub.add_parser("train", help="train a model from a config file")
     p.add_argument("--config", required=True, metavar="CONFIG.toml")
+    p.add_argument("--gpus", type=int, default=0, metavar="N", help="train on N GPU workers (bf16) instead of the config's CPU workers")
     p = sub.add_parser("evaluate", help="compare a run's classes.tif with reference labels")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--reference", required=True, metavar="LABELS.tif")
@@ -170,7 +171,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from geoseg.train import train_from_config
 
-        print(train_from_config(args.config))
+        print(train_from_config(args.config, args.gpus))
         return 0
     if args.command == "evaluate":
         from geoseg import storage

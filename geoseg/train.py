@@ -15,7 +15,7 @@ import tempfile
 import time
 import tomllib
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from geoseg.model.card import ClassInfo, ModelCard
 from geoseg.model.checkpoint import build_model, read_checkpoint, resolve, save_checkpoint
 from geoseg.model.pretrained import load_encoder
 
-_RESUMABLE = ("epochs", "resume")  # settings a resumed run may change
+_RESUMABLE = ("epochs", "resume", "use_gpu", "cpus_per_worker")  # settings a resumed run may change
 NODATA = "invalid pixels are zero-filled after normalisation; the job writes class 0 (nodata) there"
 
 
@@ -249,6 +249,8 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             print(f"[{config.name}] encoder started from {config.pretrained} ({n} tensors, first conv adapted to {len(card.bands)} bands)", flush=True)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
+    bf16 = device.type == "cuda"  # mixed precision on GPUs; fp32 on CPUs, where bf16 is slower
+    torch.backends.cudnn.benchmark = bf16
     core = getattr(model, "module", model)
     lookup = class_lookup(card).to(device)
     sampler = ChipSampler(train_items, card.class_ids, config.chip, config.balance, config.zoom)
@@ -270,7 +272,8 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             chips, labels = augment(raw_chips, labels, rng, config.brightness, config.band_jitter, config.offset)
             x = torch.from_numpy(card.normalise(chips)).to(device).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(labels).to(device)
-            loss = masked_loss(model(x), y, lookup)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = masked_loss(model(x), y, lookup)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -342,8 +345,9 @@ def _init_ray(config: TrainConfig) -> None:
         ray.init()
     else:
         cpus = max(os.cpu_count() or 1, config.num_workers * config.cpus_per_worker)
-        # the dashboard serves the state API that Ray Train's placement-group cleaner polls every second
-        ray.init(num_cpus=cpus, include_dashboard=True, _temp_dir=tempfile.mkdtemp(prefix="geoseg-ray-"))
+        # the dashboard (when ray[default] is installed) serves the state API that Ray Train's
+        # placement-group cleaner polls every second
+        ray.init(num_cpus=cpus, include_dashboard=None, _temp_dir=tempfile.mkdtemp(prefix="geoseg-ray-"))
 
 
 def train(config: TrainConfig) -> Path:
@@ -390,6 +394,12 @@ def train(config: TrainConfig) -> Path:
     return final
 
 
-def train_from_config(path: str | Path) -> Path:
-    """`geoseg train --config FILE`: train the model the file describes; returns the written checkpoint."""
-    return train(load_config(path))
+def train_from_config(path: str | Path, gpus: int = 0) -> Path:
+    """`geoseg train --config FILE [--gpus N]`: train the model the file describes; returns the written checkpoint.
+
+    `gpus` > 0 trains on that many GPU workers instead of the file's workers, so one file serves a laptop and a GPU cluster.
+    """
+    config = load_config(path)
+    if gpus:
+        config = replace(config, use_gpu=True, num_workers=gpus)
+    return train(config)

@@ -14,8 +14,9 @@ def main(argv: list[str] | None = None) -> None:
     """Parse --config and train; prints the path of the written model."""
     parser = argparse.ArgumentParser(description="Train a geoseg land-cover model on Ray Train.")
     parser.add_argument("--config", required=True, help="training config TOML, e.g. configs/sentinel2-lulc.toml")
+    parser.add_argument("--gpus", type=int, default=0, help="train on this many GPU workers instead of the config's CPU workers")
     args = parser.parse_args(argv)
-    print(train_from_config(args.config))
+    print(train_from_config(args.config, args.gpus))
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def test_existing_run_dir_with_another_plan_is_refused(s2_run: Path, data_dir: P
 
 # --- failures and reruns: 64 px tiles so the 401 px scene makes 49 tiles -------------------------------
 
-SMALL_TILES = ["--tile-size", "64", "--halo", "32", "--batch-size", "4"]
+SMALL_TILES = ["--tile-size", "64", "--batch-size", "4"]  # the card's halo
 
 
 def plain_copy(src: Path, dst: Path) -> Path:
