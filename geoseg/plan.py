@@ -28,7 +28,6 @@ from geoseg.config import RunConfig, VectoriseSettings
 from geoseg.errors import ConfigError, RegionError, RunDirError, SceneError
 from geoseg.grid import Grid, snap_grid, tiles_covering, utm_epsg
 from geoseg.model.card import ModelCard
-from geoseg.model.checkpoint import SHIPPED, load_card
 from geoseg.scenes import Scene, band_indexes, open_scene
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ def default_model(scene: Scene) -> str:
         return "aerial-rgb"
     raise SceneError(
         f"no shipped model fits scene {scene.url} ({len(scene.band_names)} bands, {scene.dtype}): "
-        f"pass --model with one of {sorted(SHIPPED)} or a checkpoint path"
+        "pass --model with one of sentinel2-lulc, aerial-rgb or a checkpoint path"
     )
 
 
@@ -177,6 +176,8 @@ def make_plan(config: RunConfig) -> RunPlan:
     """
     if not config.scenes:
         raise ConfigError("no scenes given: pass --scenes FILE [FILE ...]")
+    from geoseg.model.checkpoint import load_card  # here, not at the top: tile workers import this module without torch
+
     scenes = [open_scene(url, config.bands) for url in config.scenes]
     model = config.model or default_model(scenes[0])
     card = load_card(model)

@@ -212,7 +212,9 @@ class _Dispatcher:
         cpus = float(resources.get("CPU", 1))
         actor_cpus = execution.actor_cpus or (1.0 if self.use_gpu else max(1.0, cpus / n_actors - 2 * execution.tile_cpus))
         self.threads = max(1, int(actor_cpus))
-        spare = max(cpus - n_actors * actor_cpus, execution.tile_cpus) / execution.tile_cpus / n_actors
+        # one tile task in flight per spare CPU: more only adds worker processes, which Ray kills when idle
+        # beyond one per CPU and restarts later (seen as 64 workers for 16 CPUs on a GPU node)
+        spare = max(cpus - n_actors * actor_cpus, 1.0) / n_actors
         self.readers = execution.readers_per_actor or (max(1, int(spare)) if self.use_gpu else 1)
         runtime_env = {"env_vars": storage.forwarded_env()}
         self.actor_options = {"num_cpus": actor_cpus, "num_gpus": 1 if self.use_gpu else 0, "max_restarts": 0,

@@ -1,7 +1,4 @@
-"""geoseg's land-cover network, its model card and the checkpoint format that carries both."""
+"""geoseg's land-cover network (unet), its model card (card) and the checkpoint format that carries both (checkpoint).
 
-from geoseg.model.card import ClassInfo, ModelCard
-from geoseg.model.checkpoint import SHIPPED, load_card, load_model, save_checkpoint
-from geoseg.model.unet import UNet, build_unet
-
-__all__ = ["SHIPPED", "ClassInfo", "ModelCard", "UNet", "build_unet", "load_card", "load_model", "save_checkpoint"]
+Empty on purpose: the card is numpy-only, and tile-reading workers that import it must not pay for torch.
+"""
