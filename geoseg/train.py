@@ -368,6 +368,10 @@ def train(config: TrainConfig) -> Path:
         print(f"[{config.name}] resuming after epoch {previous[-1][1]['epoch'] + 1} from {previous[-1][0].parent}", flush=True)
     if not previous or previous[-1][1]["epoch"] + 1 < config.epochs:
         _init_ray(config)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if config.use_gpu and gpus < config.num_workers:
+            raise ConfigError(f"training asks for {config.num_workers} GPU worker(s) but the Ray cluster has {gpus} GPU(s): "
+                              "drop --gpus / use_gpu, or lower it to the GPUs the cluster has")
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={

@@ -13,7 +13,7 @@ import torch
 from geoseg.errors import ConfigError
 from geoseg.model.card import ClassInfo
 from geoseg.model.checkpoint import load_card, load_model, read_checkpoint
-from geoseg.train import TrainConfig, class_lookup, load_config, lr_at, masked_loss, predict_ids, train
+from geoseg.train import TrainConfig, class_lookup, load_config, lr_at, masked_loss, predict_ids, train, train_from_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -83,3 +83,16 @@ def test_short_real_training_run_learns_resumes_loads_and_fine_tunes(data_dir: P
     assert all(torch.equal(by_epoch[0][k], v) for k, v in source.items())
     assert not torch.equal(by_epoch[1]["encoder.layer1.0.conv1.weight"], source["encoder.layer1.0.conv1.weight"])
     assert not torch.equal(by_epoch[0]["head.weight"], read_checkpoint(path)["state_dict"]["head.weight"])
+
+
+def test_gpus_on_a_cluster_without_gpus_is_a_named_error(data_dir: Path, ray_session: None, tmp_path: Path) -> None:
+    """`geoseg train --gpus 1` on a CPU-only cluster says so instead of waiting forever for a GPU."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'name = "tiny"\ndata_root = "{data_dir}"\nimages = "sentinel2_strzegom/scenes/strzegom_{{item}}_33u.tif"\n'
+        'labels = "sentinel2_strzegom/labels/{stem}.tif"\nclasses_json = "sentinel2_strzegom/classes.json"\n'
+        f'train = ["20220719"]\nvalidate = ["20220719"]\nwidth = 8\nchip = 64\nout = "{tmp_path / "run"}"\n'
+    )
+    with pytest.raises(ConfigError, match="1 GPU worker.*0 GPU"):
+        train_from_config(config, gpus=1)
+    assert not (tmp_path / "run" / "tiny.pt").exists()
