@@ -211,6 +211,9 @@ class _Dispatcher:
         n_actors = execution.actors or (gpus if self.use_gpu else 1)
         cpus = float(resources.get("CPU", 1))
         actor_cpus = execution.actor_cpus or (1.0 if self.use_gpu else max(1.0, cpus / n_actors - 2 * execution.tile_cpus))
+        if n_actors * actor_cpus + execution.tile_cpus > cpus:
+            raise ConfigError(f"{n_actors} inference actor(s) of {actor_cpus:g} CPUs leave no room for a tile reader of "
+                              f"{execution.tile_cpus:g} CPUs on a cluster of {cpus:g} CPUs: lower actors or actor_cpus")
         self.threads = max(1, int(actor_cpus))
         # one tile task in flight per spare CPU: more only adds worker processes, which Ray kills when idle
         # beyond one per CPU and restarts later (seen as 64 workers for 16 CPUs on a GPU node)
@@ -220,7 +223,11 @@ class _Dispatcher:
         self.actor_options = {"num_cpus": actor_cpus, "num_gpus": 1 if self.use_gpu else 0, "max_restarts": 0,
                               "max_concurrency": execution.prefetch,
                               "runtime_env": {"env_vars": {**runtime_env["env_vars"],
-                                                           "OMP_NUM_THREADS": str(self.threads)}}}
+                                                           "OMP_NUM_THREADS": str(self.threads),
+                                                           # batch-sized arrays always mmapped, so freeing one returns it to the
+                                                           # OS: glibc's adaptive threshold otherwise lets the actor's RSS
+                                                           # grow with the tiles it has served
+                                                           "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}}}
         self.tiles_ref = ray.put(plan.tiles)
         self.job_ref = ray.put(TileJob(run_dir, plan.run_id, plan.grid, plan.scenes, _region_in_grid(plan),
                                        card.input_dtype, len(card.bands)))

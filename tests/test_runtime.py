@@ -163,6 +163,20 @@ def test_existing_run_dir_with_another_plan_is_refused(s2_run: Path, data_dir: P
     assert (s2_run / "classes.tif").read_bytes() == before  # nothing already done is lost
 
 
+def test_settings_the_cluster_cannot_hold_are_named_errors_and_rerun_recovers(
+        tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Actors that would take every CPU, or GPUs the cluster lacks, are refused at once (not a hang); the
+    saved plan stays, so `geoseg rerun` then maps the scene."""
+    out = tmp_path / "run"
+    assert main(["run", "--scenes", str(s2_path(data_dir)), "--out", str(out), "--actors", "3"]) == 2
+    assert "leave no room for a tile reader" in capsys.readouterr().err
+    assert main(["run", "--scenes", str(s2_path(data_dir)), "--out", str(out), "--gpu"]) == 2
+    assert "no GPUs" in capsys.readouterr().err
+    assert (out / "plan.json").exists() and not (out / "classes.tif").exists()
+    assert main(["rerun", str(out)]) == 0
+    assert read_classes(out).max() > 0
+
+
 # --- failures and reruns: 64 px tiles so the 401 px scene makes 49 tiles -------------------------------
 
 SMALL_TILES = ["--tile-size", "64", "--batch-size", "4"]  # the card's halo
