@@ -223,11 +223,7 @@ class _Dispatcher:
         self.actor_options = {"num_cpus": actor_cpus, "num_gpus": 1 if self.use_gpu else 0, "max_restarts": 0,
                               "max_concurrency": execution.prefetch,
                               "runtime_env": {"env_vars": {**runtime_env["env_vars"],
-                                                           "OMP_NUM_THREADS": str(self.threads),
-                                                           # batch-sized arrays always mmapped, so freeing one returns it to the
-                                                           # OS: glibc's adaptive threshold otherwise lets the actor's RSS
-                                                           # grow with the tiles it has served
-                                                           "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}}}
+                                                           "OMP_NUM_THREADS": str(self.threads)}}}
         self.tiles_ref = ray.put(plan.tiles)
         self.job_ref = ray.put(TileJob(run_dir, plan.run_id, plan.grid, plan.scenes, _region_in_grid(plan),
                                        card.input_dtype, len(card.bands)))
