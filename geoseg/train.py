@@ -76,7 +76,7 @@ class TrainConfig:
     halo: int = 32
     num_workers: int = 1
     cpus_per_worker: int = 2  # also torch's thread count per worker
-    use_gpu: bool = False
+    use_gpu: bool | None = None  # None: GPU workers when the cluster has a GPU for each, else CPU
     out: str = ""  # "" -> runs/<name>; the model is written to <out>/<name>.pt
     resume: bool = True  # continue from the latest checkpoint of a previous run in <out>
     seed: int = 0
@@ -369,7 +369,8 @@ def train(config: TrainConfig) -> Path:
     if not previous or previous[-1][1]["epoch"] + 1 < config.epochs:
         _init_ray(config)
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        if config.use_gpu and gpus < config.num_workers:
+        use_gpu = gpus >= config.num_workers if config.use_gpu is None else config.use_gpu
+        if use_gpu and gpus < config.num_workers:
             raise ConfigError(f"training asks for {config.num_workers} GPU worker(s) but the Ray cluster has {gpus} GPU(s): "
                               "drop --gpus / use_gpu, or lower it to the GPUs the cluster has")
         trainer = TorchTrainer(
@@ -378,7 +379,7 @@ def train(config: TrainConfig) -> Path:
                 "config": asdict(config), "card": card.to_dict(), "train": ray.put(train_items), "val": ray.put(val_items),
                 "resume_dir": str(previous[-1][0].parent) if previous else "",
             },
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}),
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}),
             run_config=RunConfig(
                 name=config.name, storage_path=str(out / "ray"),
                 checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"),
