@@ -185,6 +185,18 @@ def child_geoseg(p: dict[str, Any]) -> dict[str, Any]:
 
     Ledger.mark_done = timed_mark_done  # type: ignore[method-assign]
     runtime._Dispatcher.run = recorded_dispatch  # type: ignore[method-assign]
+    peak_after: dict[str, float] = {}  # the driver's own peak RSS when each stage ended: which stage grows
+
+    def staged(stage: str, before: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            peak_after[before] = _ru_maxrss_mib()
+            out = fn(*a, **kw)
+            peak_after[stage] = _ru_maxrss_mib()
+            return out
+        return wrapper
+
+    runtime.mosaic = staged("mosaic", "tiles", runtime.mosaic)  # type: ignore[attr-defined]
+    runtime._vectorise = staged("vectorise", "mosaic", runtime._vectorise)  # type: ignore[attr-defined]
 
     t_imported = time.time()
     env = {"env_vars": storage.forwarded_env()}
@@ -207,7 +219,8 @@ def child_geoseg(p: dict[str, Any]) -> dict[str, Any]:
         "report": result.report, "exit_code": result.exit_code, "tiles": plan.tile_count, "core_px": core_px,
         "stamps": [s - seen["start"] for s in sorted(stamps)], "settings": {k: v for k, v in seen.items() if k != "start"},
         "imports_s": t_imported - t_start, "ray_start_s": t_ray - t_imported, "whole_run_s": t_done - p["t_launch"],
-        "loadavg_run": [load_before, os.getloadavg()], "driver_ru_maxrss_mib": _ru_maxrss_mib(),
+        "loadavg_run": [load_before, os.getloadavg()], "driver_peak_mib_own": _ru_maxrss_mib(),
+        "driver_peak_after_stage_mib": {k: round(v, 1) for k, v in peak_after.items()},
     }
     if p["model_only"]:
         options = seen["options"]
@@ -264,7 +277,13 @@ def child_plan(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ru_maxrss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """This process's own peak RSS. Linux's ``ru_maxrss`` keeps the peak of the parent a child was forked
+    from (the benchmark process that assembled the scene), so VmHWM is read instead, reset at child start."""
+    try:
+        with open("/proc/self/status") as f:
+            return round(next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024, 1)
+    except (OSError, StopIteration):
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def steady_rate(ends: list[float], batch: int) -> float:
@@ -381,7 +400,7 @@ def sweep(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results = []
     _print_rows([("sweep", f"scenes of {base}, {2 * base}, {4 * base} px a side: 1x, 4x, 16x the area")])
     print(f"{'area':>5} {'Mpx':>6} {'tiles':>6} {'driver MiB':>11} {'Predictor MiB':>14} {'run_tile MiB':>13} "
-          f"{'naive MiB':>10} {'geoseg s':>9} {'naive s':>8}", flush=True)
+          f"{'naive MiB':>10} {'geoseg s':>9} {'naive s':>8}   driver peak after tiles/mosaic/polygons", flush=True)
     for k in (1, 2, 4):
         size = base * k
         scene = assemble_scene(workdir / f"s2_mirrored_{size}.tif", size)
@@ -394,12 +413,13 @@ def sweep(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         row = {"area": k * k, "mpx": round(size * size / 1e6, 1), "tiles": geo["tiles"], "driver_peak_mib": peaks["driver"],
                "worker_peak_by_role_mib": peaks["workers"], "naive_peak_mib": naive_peaks["driver"],
                "geoseg_whole_s": round(geo["whole_run_s"], 1), "naive_whole_s": round(naive_wall, 1),
-               "loadavg": geo["loadavg_run"][1]}
+               "driver_peak_after_stage_mib": geo["driver_peak_after_stage_mib"], "loadavg": geo["loadavg_run"][1]}
         results.append(row)
         w = peaks["workers"]
         print(f"{k * k:>4}x {row['mpx']:6.1f} {row['tiles']:6d} {row['driver_peak_mib']:11.0f} "
               f"{w.get('Predictor', 0):14.0f} {w.get('run_tile', 0):13.0f} {row['naive_peak_mib']:10.0f} "
-              f"{row['geoseg_whole_s']:9.1f} {row['naive_whole_s']:8.1f}", flush=True)
+              f"{row['geoseg_whole_s']:9.1f} {row['naive_whole_s']:8.1f}   "
+              + " / ".join(f"{v:.0f}" for v in row["driver_peak_after_stage_mib"].values()), flush=True)
         scene.unlink()
     first, last = results[0], results[-1]
     return {"sweep": results,
@@ -462,6 +482,11 @@ def main() -> None:
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM: the peak counted from here is this child's own
+        except OSError:
+            pass
         body = {"geoseg": child_geoseg, "naive": child_naive, "plan": child_plan}[args.child]
         args.result.write_text(json.dumps(body(json.loads(args.params))))
         return
