@@ -23,7 +23,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from geoseg.infer import predict
-from geoseg.model.checkpoint import SHIPPED, load_model, read_checkpoint
+from geoseg.model import SHIPPED
+from geoseg.model.checkpoint import load_model, read_checkpoint
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
@@ -53,8 +54,9 @@ def matmul_peak_tflops(device: torch.device) -> float:
 
 def forward_flops(model: torch.nn.Module, bands: int, side: int) -> int:
     """Floating-point operations of one forward pass over one tile of side x side pixels."""
+    device = next(model.parameters()).device
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, bands, side, side))
+        model(torch.zeros(1, bands, side, side, device=device))
     return int(counter.get_total_flops())
 
 
@@ -82,8 +84,8 @@ def bench_model(name: str, device: torch.device, batches: list[int], peak: float
     """Model-only Mpx/s of tile cores and the fraction of `peak` reached, per batch size."""
     card, model = load_model(name, device=str(device))
     side, core = card.tile_size + 2 * card.halo, card.tile_size
-    flops = forward_flops(load_model(name)[1], len(card.bands), side)
     model = model.to(memory_format=torch.channels_last)
+    flops = forward_flops(model, len(card.bands), side)
     class_ids = torch.as_tensor(card.class_ids, device=device)
     bf16 = device.type == "cuda"
     rows = []

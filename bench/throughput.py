@@ -187,16 +187,16 @@ def child_geoseg(p: dict[str, Any]) -> dict[str, Any]:
     runtime._Dispatcher.run = recorded_dispatch  # type: ignore[method-assign]
     peak_after: dict[str, float] = {}  # the driver's own peak RSS when each stage ended: which stage grows
 
-    def staged(stage: str, before: str, fn: Any) -> Any:
+    def staged(stage: str, fn: Any) -> Any:
         def wrapper(*a: Any, **kw: Any) -> Any:
-            peak_after[before] = _ru_maxrss_mib()
+            peak_after.setdefault("tiles", _peak_rss_mib())  # the first wrapped stage starts when the tiles end
             out = fn(*a, **kw)
-            peak_after[stage] = _ru_maxrss_mib()
+            peak_after[stage] = _peak_rss_mib()
             return out
         return wrapper
 
-    runtime.mosaic = staged("mosaic", "tiles", runtime.mosaic)  # type: ignore[attr-defined]
-    runtime._vectorise = staged("vectorise", "mosaic", runtime._vectorise)  # type: ignore[attr-defined]
+    runtime.mosaic = staged("mosaic", runtime.mosaic)  # type: ignore[attr-defined]
+    runtime._vectorise = staged("vectorise", runtime._vectorise)  # type: ignore[attr-defined]
 
     t_imported = time.time()
     env = {"env_vars": storage.forwarded_env()}
@@ -219,7 +219,7 @@ def child_geoseg(p: dict[str, Any]) -> dict[str, Any]:
         "report": result.report, "exit_code": result.exit_code, "tiles": plan.tile_count, "core_px": core_px,
         "stamps": [s - seen["start"] for s in sorted(stamps)], "settings": {k: v for k, v in seen.items() if k != "start"},
         "imports_s": t_imported - t_start, "ray_start_s": t_ray - t_imported, "whole_run_s": t_done - p["t_launch"],
-        "loadavg_run": [load_before, os.getloadavg()], "driver_peak_mib_own": _ru_maxrss_mib(),
+        "loadavg_run": [load_before, os.getloadavg()], "driver_peak_mib_own": _peak_rss_mib(),
         "driver_peak_after_stage_mib": {k: round(v, 1) for k, v in peak_after.items()},
     }
     if p["model_only"]:
@@ -255,14 +255,14 @@ def child_plan(p: dict[str, Any]) -> dict[str, Any]:
     from geoseg.plan import make_plan, save_plan
 
     scenes = [str(s) for s in sorted(Path(p["scene_dir"]).glob("*.tif"))]
-    base = _ru_maxrss_mib()
+    base = _peak_rss_mib()
     t0 = time.perf_counter()
     plan = make_plan(RunConfig(scenes=tuple(scenes), out=p["run_dir"], crs=p["crs"]))
     t1 = time.perf_counter()
-    peak_plan = _ru_maxrss_mib()
+    peak_plan = _peak_rss_mib()
     save_plan(p["run_dir"], plan)
     t2 = time.perf_counter()
-    peak_save = _ru_maxrss_mib()
+    peak_save = _peak_rss_mib()
     ledger = Ledger(plan.tile_count)
     todo = ledger.not_done()
     for i in todo:
@@ -273,10 +273,10 @@ def child_plan(p: dict[str, Any]) -> dict[str, Any]:
             "tile_size": plan.grid.tile_size, "res": plan.grid.res, "plan_s": t1 - t0, "save_plan_s": t2 - t1,
             "ledger_s": t3 - t2, "plan_json_mib": len(plan.to_json()) / MIB, "ledger_json_mib": len(text) / MIB,
             "rss_after_imports_mib": base, "peak_after_plan_mib": peak_plan, "peak_after_save_mib": peak_save,
-            "peak_after_ledger_mib": _ru_maxrss_mib(), "cpu_s": round(time.process_time(), 1)}
+            "peak_after_ledger_mib": _peak_rss_mib(), "cpu_s": round(time.process_time(), 1)}
 
 
-def _ru_maxrss_mib() -> float:
+def _peak_rss_mib() -> float:
     """This process's own peak RSS. Linux's ``ru_maxrss`` keeps the peak of the parent a child was forked
     from (the benchmark process that assembled the scene), so VmHWM is read instead, reset at child start."""
     try:

@@ -37,34 +37,27 @@ import rasterio.features
 import shapely
 from shapely.geometry import shape
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("GEOSEG_DATA", ROOT.parent / "shared" / "data"))
-WEIGHTS = ROOT / "geoseg" / "model" / "weights" / "sentinel2-lulc.pt"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _scene import strzegom_scenes  # noqa: E402
+
 METHODS = ("blockwise-1", "blockwise-2", "rasterio-whole", "gdal_polygonize")
 
 
 def real_tiles() -> tuple[list[np.ndarray], str]:
-    """One real class raster per Strzegom date: model predictions if a model is shipped, else labels."""
-    folder = DATA / "sentinel2_strzegom"
-    dates = sorted(p.name.split("_")[1] for p in (folder / "scenes").glob("strzegom_*_33u.tif"))
-    if not WEIGHTS.exists():
-        tiles = []
-        for d in dates:
-            with rasterio.open(folder / "labels" / f"strzegom_{d}_33u.tif") as src:
-                tiles.append(src.read(1).astype(np.uint8))
-        return tiles, "real label rasters (no model shipped)"
+    """One real class raster per Strzegom date: the shipped Sentinel-2 model's predictions."""
     import torch
 
     from geoseg.infer import predict
     from geoseg.model.checkpoint import load_model
 
-    card, model = load_model(WEIGHTS)
+    card, model = load_model("sentinel2-lulc")
+    scenes = strzegom_scenes()
     tiles = []
-    for d in dates:
-        with rasterio.open(folder / "scenes" / f"strzegom_{d}_33u.tif") as src:
+    for scene in scenes:
+        with rasterio.open(scene) as src:
             x = torch.from_numpy(card.normalise(src.read())[None])
         tiles.append(predict(model, x, torch.from_numpy(card.class_ids))[0][0].numpy())
-    return tiles, f"predictions of {card.name} v{card.version} over {len(dates)} scenes"
+    return tiles, f"predictions of {card.name} v{card.version} over {len(scenes)} scenes"
 
 
 def build_raster(path: Path, size: int) -> str:

@@ -21,7 +21,8 @@ import torch
 
 from geoseg.datasets import ChipSampler, augment
 from geoseg.evaluate import confusion_matrix, summarise
-from geoseg.model.checkpoint import SHIPPED, build_model, load_model, read_checkpoint
+from geoseg.model import SHIPPED
+from geoseg.model.checkpoint import build_model, load_model, read_checkpoint
 from geoseg.model.card import ModelCard
 from geoseg.train import TrainConfig, class_lookup, masked_loss, predict_ids, prepare_data
 

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _vectorise_options(p)
     p = sub.add_parser("train", help="train a model from a config file")
     p.add_argument("--config", required=True, metavar="CONFIG.toml")
-    p.add_argument("--gpus", type=int, default=0, metavar="N", help="train on N GPU workers (bf16) instead of the config's CPU workers")
+    p.add_argument("--gpus", type=int, default=0, metavar="N", help="train on N GPU workers (bf16) instead of the config's workers")
     p = sub.add_parser("evaluate", help="compare a run's classes.tif with reference labels")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--reference", required=True, metavar="LABELS.tif")

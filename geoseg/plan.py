@@ -27,6 +27,7 @@ from geoseg import storage
 from geoseg.config import RunConfig, VectoriseSettings
 from geoseg.errors import ConfigError, RegionError, RunDirError, SceneError
 from geoseg.grid import Grid, snap_grid, tiles_covering, utm_epsg
+from geoseg.model import SHIPPED
 from geoseg.model.card import ModelCard
 from geoseg.scenes import Scene, band_indexes, open_scene
 
@@ -113,7 +114,7 @@ def default_model(scene: Scene) -> str:
         return "aerial-rgb"
     raise SceneError(
         f"no shipped model fits scene {scene.url} ({len(scene.band_names)} bands, {scene.dtype}): "
-        "pass --model with one of sentinel2-lulc, aerial-rgb or a checkpoint path"
+        f"pass --model with one of {sorted(SHIPPED)} or a checkpoint path"
     )
 
 

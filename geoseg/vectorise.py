@@ -306,25 +306,36 @@ def _class_lookup(labels: np.ndarray, classes: np.ndarray, n_labels: int) -> np.
     return look
 
 
+# The seams a region can continue across, seen from a block: (row step, column step, this block's strip and
+# the part of it, the neighbour's facing strip and its part). Corners only count for 8-connectivity.
+_SEAMS = ((-1, 0, "top", slice(None), "bottom", slice(None)), (1, 0, "bottom", slice(None), "top", slice(None)),
+          (0, -1, "left", slice(None), "right", slice(None)), (0, 1, "right", slice(None), "left", slice(None)))
+_CORNERS = ((-1, -1, "top", slice(0, 1), "bottom", slice(-1, None)),
+            (-1, 1, "top", slice(-1, None), "bottom", slice(0, 1)),
+            (1, -1, "bottom", slice(0, 1), "top", slice(-1, None)),
+            (1, 1, "bottom", slice(-1, None), "top", slice(0, 1)))
+
+
+def seams(connectivity: int) -> tuple[tuple[int, int, str, slice, str, slice], ...]:
+    """The seams to look across: sides always, block corners only for 8-connectivity."""
+    return _SEAMS + (_CORNERS if connectivity == 8 else ())
+
+
 def facing_strips(strips: Mapping[BlockKey, Strips], connectivity: int
                   ) -> Iterator[tuple[BlockKey, np.ndarray, BlockKey, np.ndarray, bool]]:
     """Every pair of strips that face each other across a border: (block, its strip, block, its strip, corner).
 
-    Each border is visited once, from the block on its left or above. For 8-connectivity the single
-    pixels meeting diagonally at block corners are paired too (``corner`` is then True).
+    Each border is visited once, from the block on its left or above (the seams leading right or down).
+    For 8-connectivity the single pixels meeting diagonally at block corners are paired too (``corner``).
     """
-    for (bi, bj), s in strips.items():
-        right, below = strips.get((bi, bj + 1)), strips.get((bi + 1, bj))
-        if right is not None and s.right is not None and right.left is not None:
-            yield (bi, bj), s.right, (bi, bj + 1), right.left, False
-        if below is not None and s.bottom is not None and below.top is not None:
-            yield (bi, bj), s.bottom, (bi + 1, bj), below.top, False
-        if connectivity == 8 and s.bottom is not None:
-            br, bl = strips.get((bi + 1, bj + 1)), strips.get((bi + 1, bj - 1))
-            if br is not None and br.top is not None:
-                yield (bi, bj), s.bottom[-1:], (bi + 1, bj + 1), br.top[:1], True
-            if bl is not None and bl.top is not None:
-                yield (bi, bj), s.bottom[:1], (bi + 1, bj - 1), bl.top[-1:], True
+    forward = [seam for seam in seams(connectivity) if seam[0] > 0 or (seam[0] == 0 and seam[1] > 0)]
+    for key, s in strips.items():
+        for di, dj, side, part, their_side, their_part in forward:
+            nkey = (key[0] + di, key[1] + dj)
+            other = strips.get(nkey)
+            mine, theirs = getattr(s, side), getattr(other, their_side) if other is not None else None
+            if mine is not None and theirs is not None:
+                yield key, mine[part], nkey, theirs[their_part], di != 0 and dj != 0
 
 
 def join_groups(blocks: Sequence[tuple[BlockWindow, Strips, np.ndarray, np.ndarray]],
@@ -357,16 +368,6 @@ def join_groups(blocks: Sequence[tuple[BlockWindow, Strips, np.ndarray, np.ndarr
     return uf.roots(), offset
 
 
-# The seams a region can continue across, seen from a block: (row step, column step, this block's strip and
-# the part of it, the neighbour's facing strip and its part). Corners only count for 8-connectivity.
-_SEAMS = ((-1, 0, "top", slice(None), "bottom", slice(None)), (1, 0, "bottom", slice(None), "top", slice(None)),
-          (0, -1, "left", slice(None), "right", slice(None)), (0, 1, "right", slice(None), "left", slice(None)))
-_CORNERS = ((-1, -1, "top", slice(0, 1), "bottom", slice(-1, None)),
-            (-1, 1, "top", slice(-1, None), "bottom", slice(0, 1)),
-            (1, -1, "bottom", slice(0, 1), "top", slice(-1, None)),
-            (1, 1, "bottom", slice(-1, None), "top", slice(0, 1)))
-
-
 @dataclass
 class MergeJob:
     """Complete regions to assemble from their pieces: group ``k`` is pieces ``starts[k]:starts[k+1]``."""
@@ -388,7 +389,7 @@ class SeamJoiner:
     def __init__(self, grid: Sequence[BlockWindow], connectivity: int) -> None:
         self.connectivity = connectivity
         self.keys = {(w.bi, w.bj) for w in grid}
-        self.seams = _SEAMS + (_CORNERS if connectivity == 8 else ())
+        self.seams = seams(connectivity)
         self.arrived: set[BlockKey] = set()
         self.strips: dict[BlockKey, Strips] = {}
         self.looks: dict[BlockKey, np.ndarray] = {}  # label -> class
@@ -770,8 +771,13 @@ class _Jobs:
                                                runtime_env={"env_vars": storage.forwarded_env()})(fn)
         self.pending.append(self.remotes[fn].remote(arg))
 
-    def full(self) -> bool:
-        return len(self.pending) >= self.window
+    def fill(self, fn: Callable[[T], object], todo: Iterator[T]) -> None:
+        """Submit ``fn`` over the next items of ``todo`` until the window is full or ``todo`` is exhausted."""
+        while len(self.pending) < self.window:
+            item = next(todo, None)
+            if item is None:
+                return
+            self.submit(fn, item)
 
     def take(self) -> object:
         """The oldest job's result (waits for it)."""
@@ -784,18 +790,12 @@ class _Jobs:
 
 def map_blocks(fn: Callable[[BlockTask], T], tasks: Sequence[BlockTask]) -> Iterator[T]:
     """Results of ``fn`` over the tasks, in task order, through :class:`_Jobs`."""
-    jobs = _Jobs()
-    todo = iter(tasks)
-    for task in todo:
-        jobs.submit(fn, task)
-        if jobs.full():
-            break
+    jobs, todo = _Jobs(), iter(tasks)
+    jobs.fill(fn, todo)
     while jobs.pending:
         result = jobs.take()
-        task = next(todo, None)
-        if task is not None:
-            jobs.submit(fn, task)
-        yield result
+        jobs.fill(fn, todo)
+        yield result  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -849,17 +849,13 @@ class _Sink:
         self.areas: dict[str, float] = {}
         self._held: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def add(self, regions: Finished, in_crs: bool) -> None:
-        """Write regions now (WKB in CRS coordinates if ``in_crs``, else pixel coordinates), or hold them
-        (pixel coordinates) when the whole coverage must be simplified together."""
+    def add(self, regions: Finished) -> None:
+        """Write regions now (their WKB is already in CRS coordinates), or, when the whole coverage is
+        simplified together, hold them (then they are in pixel coordinates)."""
         if self.simplify_px > 0:
-            if in_crs:
-                raise ValueError("regions to simplify must be in pixel coordinates")
             self._held.append((shapely.from_wkb(regions.wkb), regions.classes, regions.counts, regions.conf))
             return
-        wkb = regions.wkb if in_crs else shapely.to_wkb(to_crs(shapely.from_wkb(regions.wkb),
-                                                               self.info.transform))
-        self._write(wkb, regions.classes, regions.counts.astype(np.float64) * self.pixel_m2,
+        self._write(regions.wkb, regions.classes, regions.counts.astype(np.float64) * self.pixel_m2,
                     regions.conf / regions.counts / 255.0)
 
     def finish(self) -> None:
@@ -914,13 +910,13 @@ def vectorise(
         graphs = list(map_blocks(graph_task, tasks))
         luts = sieve(graphs, connectivity, min_area_m2 / pixel_m2)
         tasks = [replace(t, remap=luts[(t.win.bi, t.win.bj)]) for t in tasks]
-    if simplify_m == 0:
-        tasks = [replace(t, transform=info.transform) for t in tasks]
-    pixel_size = float(np.sqrt(abs(info.transform.determinant))) * info.metres_per_unit
-    in_crs = simplify_m == 0
+    # regions go to CRS coordinates in the tasks, unless the coverage is simplified (in pixels) at the end
+    transform = info.transform if simplify_m == 0 else None
+    tasks = [replace(t, transform=transform) for t in tasks]
+    pixel_size = float(np.sqrt(pixel_m2))
     with GpkgWriter(out_gpkg, LAYER, info.crs_wkt, FIELDS, metadata) as writer:
         sink = _Sink(writer, info, names, simplify_m / pixel_size)
-        _stream(tasks, SeamJoiner(grid, connectivity), sink, info.transform if in_crs else None)
+        _stream(tasks, SeamJoiner(grid, connectivity), sink, transform)
         sink.finish()
     return sink.areas
 
@@ -931,23 +927,14 @@ MERGE_BATCH = 2000  # pieces per merge job: large enough to amortise a task, sma
 def _stream(tasks: Sequence[BlockTask], joiner: SeamJoiner, sink: _Sink, transform: Affine | None) -> None:
     """Polygonise the blocks, write finished regions as they arrive, and merge regions cut by borders in
     jobs of their own as soon as all their pieces are in."""
-    jobs = _Jobs()
-    todo = iter(tasks)
+    jobs, todo = _Jobs(), iter(tasks)
     batch: list[list[int]] = []
     in_batch = 0
-
-    def refill() -> None:
-        while not jobs.full():
-            task = next(todo, None)
-            if task is None:
-                return
-            jobs.submit(polygonise_task, task)
-
-    refill()
+    jobs.fill(polygonise_task, todo)
     while jobs.pending:
         result = jobs.take()
         if isinstance(result, BlockPieces):
-            sink.add(result.final, in_crs=transform is not None)
+            sink.add(result.final)
             for group in joiner.add(result):
                 batch.append(group)
                 in_batch += len(group)
@@ -956,7 +943,7 @@ def _stream(tasks: Sequence[BlockTask], joiner: SeamJoiner, sink: _Sink, transfo
                 jobs.submit(merge_task, joiner.take(batch, transform))
                 batch, in_batch = [], 0
         else:
-            sink.add(result, in_crs=transform is not None)
-        refill()
+            sink.add(result)  # type: ignore[arg-type]
+        jobs.fill(polygonise_task, todo)
     if len(joiner):
         raise RuntimeError(f"{len(joiner)} border pieces left unjoined: a block result is missing")

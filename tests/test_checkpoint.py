@@ -11,7 +11,8 @@ import torch
 
 from geoseg.errors import CheckpointError
 from geoseg.model.card import ClassInfo, ModelCard
-from geoseg.model.checkpoint import SHIPPED, load_card, load_model, save_checkpoint
+from geoseg.model import SHIPPED
+from geoseg.model.checkpoint import load_card, load_model, save_checkpoint
 from geoseg.model.pretrained import adapt_first_conv, load_encoder
 from geoseg.model.unet import build_unet
 

@@ -308,24 +308,16 @@ def test_ray_tasks_give_the_same_result(tmp_path: Path, ray_session: None) -> No
 
 # --- real class rasters -------------------------------------------------------------------------------------------
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "geoseg" / "model" / "weights" / "sentinel2-lulc.pt"
-
-
 @functools.lru_cache(maxsize=None)
 def predicted_classes(data_dir: Path, date: str) -> tuple[np.ndarray, np.ndarray, Affine]:
-    """Real class raster and confidence of one Strzegom scene: the shipped model's prediction, or, while no
-    model is shipped, the scene's real label raster (float32 class ids cast to uint8, confidence absent = 0)."""
-    folder = data_dir / "sentinel2_strzegom"
-    if not WEIGHTS.exists():
-        with rasterio.open(folder / "labels" / f"strzegom_{date}_33u.tif") as src:
-            return src.read(1).astype(np.uint8), np.zeros((src.height, src.width), np.uint8), src.transform
+    """Real class raster and confidence of one Strzegom scene: the shipped Sentinel-2 model's prediction."""
     import torch
 
     from geoseg.infer import predict
     from geoseg.model.checkpoint import load_model
 
-    card, model = load_model(WEIGHTS)
-    with rasterio.open(folder / "scenes" / f"strzegom_{date}_33u.tif") as src:
+    card, model = load_model("sentinel2-lulc")
+    with rasterio.open(data_dir / "sentinel2_strzegom" / "scenes" / f"strzegom_{date}_33u.tif") as src:
         x, transform = card.normalise(src.read())[None], src.transform
     classes, conf = predict(model, torch.from_numpy(x), torch.from_numpy(card.class_ids))
     return classes[0].numpy(), conf[0].numpy(), transform

@@ -16,16 +16,12 @@ import torch
 from torch import nn
 
 from geoseg.errors import CheckpointError
+from geoseg.model import SHIPPED
 from geoseg.model.card import ModelCard
 from geoseg.model.unet import UNet, build_unet
 
 FORMAT = "geoseg-checkpoint"
 FORMAT_VERSION = 1
-WEIGHTS = Path(__file__).resolve().parent / "weights"
-SHIPPED: dict[str, Path] = {
-    "sentinel2-lulc": WEIGHTS / "sentinel2-lulc.pt",
-    "aerial-rgb": WEIGHTS / "aerial-rgb.pt",
-}
 _WHAT_TO_PASS = f"pass one of the shipped models {sorted(SHIPPED)} or the path of a .pt written by `geoseg train`"
 
 
