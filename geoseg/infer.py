@@ -7,7 +7,7 @@ On a GPU it runs bf16 autocast with pinned host memory and non-blocking copies; 
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -46,7 +46,9 @@ class Predictor:
     """Holds the model and the open stores; ``__call__`` predicts and writes a batch of tiles.
 
     Calls may run concurrently (a threaded Ray actor): reading the next batch from zarr and writing
-    the last one overlap with the forward pass, which one lock keeps to one batch at a time.
+    the last one overlap with the forward pass. Every forward pass runs on one dedicated thread: one
+    batch at a time, and its activations always come from that thread's malloc arena (forward passes
+    spread over the callers' threads left each arena holding a forward pass's worth of freed memory).
     """
 
     def __init__(self, model: str, run_dir: str, grid: Grid, tiles: np.ndarray, batch_size: int,
@@ -61,7 +63,7 @@ class Predictor:
         self.grid = grid
         self.tiles = tiles
         self.batch_size = batch_size
-        self._model_lock = threading.Lock()
+        self._forward = ThreadPoolExecutor(1, "forward", initializer=torch.set_num_threads, initargs=(self.threads,))
 
     def __call__(self, tile_ids: list[int]) -> list[tuple[int, str | None]]:
         """Predict and write tiles; (tile id, error or None) each. A failing batch is retried tile by tile
@@ -74,15 +76,16 @@ class Predictor:
                 return [(tile_ids[0], f"{type(exc).__name__}: {exc}")]
         return [result for i in tile_ids for result in self([i])]
 
+    def _predict(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        classes, conf = predict(self.model, x, self.class_ids, self.bf16)
+        return classes.cpu().numpy(), conf.cpu().numpy()
+
     def _run(self, tile_ids: list[int]) -> None:
         image, valid = self.stores.read_tiles(tile_ids)
         x = torch.from_numpy(prepare(self.card, image, valid, self.batch_size))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        with self._model_lock:
-            torch.set_num_threads(self.threads)  # per calling thread: a threaded actor's pool threads start at 1
-            classes, conf = predict(self.model, x, self.class_ids, self.bf16)
-            classes, conf = classes.cpu().numpy(), conf.cpu().numpy()
+        classes, conf = self._forward.submit(self._predict, x).result()
         h = self.grid.halo
         for k, tile_id in enumerate(tile_ids):
             rows, cols = self.grid.core_window(*(int(v) for v in self.tiles[tile_id]))
