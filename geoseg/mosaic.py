@@ -1,6 +1,7 @@
 """The mosaic stage: the predictions store → ``classes.tif`` and ``confidence.tif``, Cloud Optimized GeoTIFFs.
 
-Copies chunk row by chunk row into a tiled GeoTIFF (memory bounded by one row of tiles), then lets
+Copies the store window by window (one row of tiles by ``WINDOW`` pixels, so memory does not grow with
+the raster's width or height) into a tiled GeoTIFF, then lets
 GDAL's COG driver add overviews and reorder it; the finished file is published with one rename or
 upload, so a reader never sees a half-written mosaic.
 """
@@ -25,6 +26,7 @@ from geoseg.store import PREDICTIONS
 CLASSES_TIF = "classes.tif"
 CONFIDENCE_TIF = "confidence.tif"
 MOSAIC_CACHE_MB = 64  # GDAL's block cache defaults to 5% of RAM, which would grow with the mosaic
+WINDOW = 2048  # columns copied at a time
 
 
 def colormap(card: ModelCard) -> dict[int, tuple[int, int, int, int]]:
@@ -35,8 +37,8 @@ def colormap(card: ModelCard) -> dict[int, tuple[int, int, int, int]]:
     return table
 
 
-def mosaic(run_dir: str, grid: Grid, card: ModelCard, tags: dict[str, str]) -> dict[int, int]:
-    """Write both COGs into RUN_DIR; return the pixel count of each class id."""
+def mosaic(run_dir: str, grid: Grid, card: ModelCard, tags: dict[str, str], window: int = WINDOW) -> dict[int, int]:
+    """Write both COGs into RUN_DIR, copying ``window`` columns at a time; return the pixel count of each class id."""
     store = zarr.open_group(storage.join(run_dir, PREDICTIONS), mode="r",
                             storage_options=storage.storage_options(run_dir) or None)  # type: ignore[arg-type]
     counts: dict[int, int] = {}
@@ -50,11 +52,13 @@ def mosaic(run_dir: str, grid: Grid, card: ModelCard, tags: dict[str, str]) -> d
             with rasterio.open(plain, "w", **profile) as dst:
                 for r0 in range(0, grid.height, grid.tile_size):
                     r1 = min(r0 + grid.tile_size, grid.height)
-                    block = store[name][r0:r1, :]
-                    dst.write(block, 1, window=((r0, r1), (0, grid.width)))
-                    if name == "classes":
-                        for value, n in zip(*_bincount(block)):
-                            counts[value] = counts.get(value, 0) + n
+                    for c0 in range(0, grid.width, window):
+                        c1 = min(c0 + window, grid.width)
+                        block = store[name][r0:r1, c0:c1]
+                        dst.write(block, 1, window=((r0, r1), (c0, c1)))
+                        if name == "classes":
+                            for value, n in zip(*_bincount(block)):
+                                counts[value] = counts.get(value, 0) + n
                 if name == "classes":
                     dst.write_colormap(1, colormap(card))
                     dst.update_tags(CLASS_NAMES=names, **tags)
