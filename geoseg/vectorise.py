@@ -210,21 +210,26 @@ class Finished:
 
 @dataclass
 class BlockPieces:
-    """What a block's task returns: its finished regions, and the pieces and strips for joining."""
+    """What the driver takes from a block: its finished regions, and what joining needs of the pieces
+    crossing its borders. The pieces' geometries travel apart (see :func:`polygonise_block`)."""
 
     win: BlockWindow
     final: Finished  # CRS coordinates when the task was given the transform, else pixel coordinates
     piece_labels: np.ndarray  # sorted labels of the pieces touching internal borders
-    pieces: Finished  # pixel coordinates (exact shared edges for the union)
+    piece_classes: np.ndarray
+    piece_counts: np.ndarray
+    piece_conf: np.ndarray
     strips: Strips
 
 
 def polygonise_block(classes: np.ndarray, confidence: np.ndarray | None, win: BlockWindow,
-                     connectivity: int, transform: Affine | None = None) -> BlockPieces:
+                     connectivity: int, transform: Affine | None = None) -> tuple[BlockPieces, np.ndarray]:
     """Polygonise one block; split its regions into finished polygons and pieces crossing a border.
 
-    Finished polygons are put in CRS coordinates here when ``transform`` is given, so the driver only
-    has to write their WKB.
+    Returns the block's pieces and, apart, the crossing pieces' WKB in pixel coordinates (exact shared
+    edges for the union): on Ray that array stays in the object store until a merge task takes it, so the
+    driver never holds the geometries of regions left open along the front. Finished polygons are put in
+    CRS coordinates here when ``transform`` is given, so the driver only has to write their WKB.
     """
     lab = label_block(classes, win.row_off, win.col_off, connectivity, full=confidence is not None)
     if lab.labels is None:
@@ -240,10 +245,9 @@ def polygonise_block(classes: np.ndarray, confidence: np.ndarray | None, win: Bl
     if transform is not None:
         final = to_crs(final, transform)
     idx = crossing - 1
-    return BlockPieces(win, Finished(shapely.to_wkb(final), lab.classes[is_final], lab.counts[is_final],
-                                     conf[is_final]),
-                       crossing, Finished(shapely.to_wkb(lab.geoms[idx]), lab.classes[idx], lab.counts[idx],
-                                          conf[idx]), strips)
+    block = BlockPieces(win, Finished(shapely.to_wkb(final), lab.classes[is_final], lab.counts[is_final],
+                                      conf[is_final]), crossing, lab.classes[idx], lab.counts[idx], conf[idx], strips)
+    return block, shapely.to_wkb(lab.geoms[idx])
 
 
 def to_crs(geoms: np.ndarray, transform: Affine) -> np.ndarray:
@@ -370,9 +374,16 @@ def join_groups(blocks: Sequence[tuple[BlockWindow, Strips, np.ndarray, np.ndarr
 
 @dataclass
 class MergeJob:
-    """Complete regions to assemble from their pieces: group ``k`` is pieces ``starts[k]:starts[k+1]``."""
+    """Complete regions to assemble from their pieces: group ``k`` is pieces ``starts[k]:starts[k+1]``.
 
-    pieces: Finished  # pixel coordinates
+    Piece ``i`` is item ``index[i]`` of the ``source[i]``-th WKB array handed to :func:`merge_task` beside
+    the job (the blocks' piece arrays, or on Ray their object references, which Ray resolves)."""
+
+    source: np.ndarray
+    index: np.ndarray
+    classes: np.ndarray
+    counts: np.ndarray
+    conf: np.ndarray
     starts: np.ndarray
     transform: Affine | None
 
@@ -383,7 +394,9 @@ class SeamJoiner:
 
     A piece stays open while a block it touches across a seam has not arrived; a group of pieces (one
     region) is complete when none of its pieces is open. So the joiner holds only the pieces and strips
-    along the front of arrived blocks, not those of the whole raster.
+    along the front of arrived blocks, not those of the whole raster; of a piece it holds a few numbers
+    and a handle on its block's piece geometries (the array, or on Ray its object reference), which it
+    drops once every piece of that block is taken.
     """
 
     def __init__(self, grid: Sequence[BlockWindow], connectivity: int) -> None:
@@ -398,7 +411,9 @@ class SeamJoiner:
         self.open: dict[int, int] = {}  # root -> (piece, neighbour block not yet arrived) pairs
         self.members: dict[int, list[int]] = {}
         self.waiting: dict[BlockKey, list[int]] = {}  # block -> nodes that wait for it
-        self.data: dict[int, tuple[bytes, int, int, float]] = {}  # node -> WKB, class, pixels, confidence sum
+        self.data: dict[int, tuple[int, int, int, int, float]] = {}  # node -> source, index, class, pixels, conf sum
+        self.sources: dict[int, object] = {}  # source -> a block's piece WKB (or its object reference)
+        self.untaken: dict[int, int] = {}  # source -> its pieces not yet taken
         self.next_node = 0
 
     def _neighbours(self, key: BlockKey, strips: Strips) -> Iterator[tuple[BlockKey, np.ndarray, str, slice, bool]]:
@@ -425,20 +440,24 @@ class SeamJoiner:
         self.open[ra] += self.open.pop(rb)
         self.members[ra] += self.members.pop(rb)
 
-    def add(self, block: BlockPieces) -> list[list[int]]:
-        """Take one block's pieces; return the groups of nodes (one per region) that became complete."""
+    def add(self, block: BlockPieces, wkb: object) -> list[list[int]]:
+        """Take one block's pieces and a handle on their WKB (as :func:`merge_task` will be given it);
+        return the groups of nodes (one per region) that became complete."""
         key = (block.win.bi, block.win.bj)
         labels = block.piece_labels
         n = int(labels.max()) if len(labels) else 0
         nodes = np.full(n + 1, -1, dtype=np.int64)
         nodes[labels] = self.next_node + np.arange(len(labels))
-        look = _class_lookup(labels, block.pieces.classes, n)
-        p = block.pieces
+        look = _class_lookup(labels, block.piece_classes, n)
+        source = len(self.arrived)
+        if len(labels):
+            self.sources[source], self.untaken[source] = wkb, len(labels)
         for k, node in enumerate(range(self.next_node, self.next_node + len(labels))):
             self.parent[node] = node
             self.open[node] = 0
             self.members[node] = [node]
-            self.data[node] = (p.wkb[k], int(p.classes[k]), int(p.counts[k]), float(p.conf[k]))
+            self.data[node] = (source, k, int(block.piece_classes[k]), int(block.piece_counts[k]),
+                               float(block.piece_conf[k]))
         self.next_node += len(labels)
         self.arrived.add(key)
         self.strips[key], self.looks[key], self.nodes[key] = block.strips, look, nodes
@@ -471,33 +490,36 @@ class SeamJoiner:
                 del self.strips[k], self.looks[k], self.nodes[k]
         return done
 
-    def take(self, groups: Sequence[Sequence[int]], transform: Affine | None) -> MergeJob:
-        """The pieces of complete groups, removed from the joiner, as one job for :func:`merge_task`."""
-        rows = [self.data.pop(node) for g in groups for node in g]
-        sizes = np.array([len(g) for g in groups], dtype=np.int64)
-        wkb = np.empty(len(rows), dtype=object)
-        wkb[:] = [r[0] for r in rows]
-        pieces = Finished(wkb, np.array([r[1] for r in rows], dtype=np.int64),
-                          np.array([r[2] for r in rows], dtype=np.int64), np.array([r[3] for r in rows]))
-        return MergeJob(pieces, np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64), transform)
+    def take(self, groups: Sequence[Sequence[int]], transform: Affine | None) -> tuple[MergeJob, list[object]]:
+        """The pieces of complete groups, removed from the joiner, as one job for :func:`merge_task` and
+        the WKB handles to call it with."""
+        source, index, classes, counts, conf = (np.array(c) for c in zip(*(self.data.pop(node) for g in groups
+                                                                           for node in g)))
+        used, source = np.unique(source, return_inverse=True)
+        handles = [self.sources[s] for s in used.tolist()]
+        for s, k in zip(used.tolist(), np.bincount(source).tolist()):
+            self.untaken[s] -= k
+            if self.untaken[s] == 0:
+                del self.untaken[s], self.sources[s]
+        starts = np.r_[0, np.cumsum([len(g) for g in groups])[:-1]].astype(np.int64)
+        return MergeJob(source, index, classes, counts, conf, starts, transform), handles
 
     def __len__(self) -> int:
         """Pieces held (open, or complete but not yet taken)."""
         return len(self.data)
 
 
-def merge_task(job: MergeJob) -> Finished:
+def merge_task(job: MergeJob, *sources: np.ndarray) -> Finished:
     """Union the pieces of every group into one region (a Ray task, or a plain call without Ray)."""
-    geoms = shapely.from_wkb(job.pieces.wkb)
+    geoms = shapely.from_wkb(np.array([sources[s][i] for s, i in zip(job.source, job.index)], dtype=object))
     ends = np.r_[job.starts[1:], len(geoms)]
     out = np.empty(len(job.starts), dtype=object)
     for i, (s, e) in enumerate(zip(job.starts, ends)):
         out[i] = geoms[s] if e - s == 1 else merge_pieces(geoms[s:e])
     if job.transform is not None:
         out = to_crs(out, job.transform)
-    p = job.pieces
-    return Finished(shapely.to_wkb(out), p.classes[job.starts], np.add.reduceat(p.counts, job.starts),
-                    np.add.reduceat(p.conf, job.starts))
+    return Finished(shapely.to_wkb(out), job.classes[job.starts], np.add.reduceat(job.counts, job.starts),
+                    np.add.reduceat(job.conf, job.starts))
 def merge_pieces(geoms: np.ndarray) -> shapely.Geometry:
     """One region from pieces that share exact pixel edges; the seam's collinear vertices are dropped."""
     merged = shapely.union_all(geoms)
@@ -736,7 +758,7 @@ def _block_classes(task: BlockTask) -> np.ndarray:
     return classes
 
 
-def polygonise_task(task: BlockTask) -> BlockPieces:
+def polygonise_task(task: BlockTask) -> tuple[BlockPieces, np.ndarray]:
     """Read and polygonise one block (a Ray task, or a plain call without Ray)."""
     conf = _read(task.confidence_path, task.win) if task.confidence_path else None
     return polygonise_block(_block_classes(task), conf, task.win, task.connectivity, task.transform)
@@ -751,7 +773,8 @@ class _Jobs:
     """An ordered queue of jobs: Ray tasks when Ray is up, else plain calls made when the result is taken.
 
     Results are taken in submission order (the output is deterministic), and at most two jobs per
-    cluster CPU are in flight, so the driver holds a bounded number of results.
+    cluster CPU are in flight, so the driver holds a bounded number of results. A job with two results
+    hands the driver its first and, on Ray, only the object reference of its second.
     """
 
     def __init__(self) -> None:
@@ -762,29 +785,31 @@ class _Jobs:
         self.remotes: dict[Callable, object] = {}
         self.pending: deque[object] = deque()
 
-    def submit(self, fn: Callable[[T], object], arg: T) -> None:
+    def submit(self, fn: Callable[..., object], *args: object, returns: int = 1) -> None:
         if self.ray is None:
-            self.pending.append((fn, arg))
+            self.pending.append((fn, args))
             return
         if fn not in self.remotes:
             self.remotes[fn] = self.ray.remote(num_cpus=1, max_retries=2,
                                                runtime_env={"env_vars": storage.forwarded_env()})(fn)
-        self.pending.append(self.remotes[fn].remote(arg))
+        self.pending.append(self.remotes[fn].options(num_returns=returns).remote(*args))
 
-    def fill(self, fn: Callable[[T], object], todo: Iterator[T]) -> None:
+    def fill(self, fn: Callable[[T], object], todo: Iterator[T], returns: int = 1) -> None:
         """Submit ``fn`` over the next items of ``todo`` until the window is full or ``todo`` is exhausted."""
         while len(self.pending) < self.window:
             item = next(todo, None)
             if item is None:
                 return
-            self.submit(fn, item)
+            self.submit(fn, item, returns=returns)
 
     def take(self) -> object:
-        """The oldest job's result (waits for it)."""
+        """The oldest job's result (waits for it); a two-result job's as (first, second or its reference)."""
         job = self.pending.popleft()
         if self.ray is None:
-            fn, arg = job
-            return fn(arg)
+            fn, args = job
+            return fn(*args)
+        if isinstance(job, list):
+            return self.ray.get(job[0]), job[1]
         return self.ray.get(job)
 
 
@@ -930,20 +955,22 @@ def _stream(tasks: Sequence[BlockTask], joiner: SeamJoiner, sink: _Sink, transfo
     jobs, todo = _Jobs(), iter(tasks)
     batch: list[list[int]] = []
     in_batch = 0
-    jobs.fill(polygonise_task, todo)
+    jobs.fill(polygonise_task, todo, returns=2)
     while jobs.pending:
         result = jobs.take()
-        if isinstance(result, BlockPieces):
-            sink.add(result.final)
-            for group in joiner.add(result):
+        if isinstance(result, Finished):
+            sink.add(result)
+        else:
+            block, wkb = result  # type: ignore[misc]
+            sink.add(block.final)
+            for group in joiner.add(block, wkb):
                 batch.append(group)
                 in_batch += len(group)
             last = len(joiner.arrived) == len(joiner.keys)
             if batch and (in_batch >= MERGE_BATCH or last):
-                jobs.submit(merge_task, joiner.take(batch, transform))
+                job, sources = joiner.take(batch, transform)
+                jobs.submit(merge_task, job, *sources)
                 batch, in_batch = [], 0
-        else:
-            sink.add(result)  # type: ignore[arg-type]
-        jobs.fill(polygonise_task, todo)
+        jobs.fill(polygonise_task, todo, returns=2)
     if len(joiner):
         raise RuntimeError(f"{len(joiner)} border pieces left unjoined: a block result is missing")

@@ -211,20 +211,23 @@ def test_seam_joiner_holds_only_the_front_of_arrived_blocks(connectivity: int) -
     handed_out_early = 0
     regions = 0
     for w in grid:
-        block = polygonise_block(a[w.row_off:w.row_off + w.height, w.col_off:w.col_off + w.width], None, w,
-                                 connectivity)
+        block, wkb = polygonise_block(a[w.row_off:w.row_off + w.height, w.col_off:w.col_off + w.width], None, w,
+                                      connectivity)
         regions += len(block.final.wkb)
-        groups = joiner.add(block)
+        groups = joiner.add(block, wkb)
         assert len(joiner.strips) <= per_row + 2
+        # a block's piece geometries are referenced exactly while one of its pieces is held
+        assert set(joiner.sources) == {source for source, *_ in joiner.data.values()}
         if groups:
-            job = joiner.take(groups, None)
-            for cls in np.split(job.pieces.classes, job.starts[1:]):
+            job, sources = joiner.take(groups, None)
+            for cls in np.split(job.classes, job.starts[1:]):
                 assert (cls == cls[0]).all()  # a region's pieces share their class
-            merged = merge_task(job)
+            merged = merge_task(job, *sources)
             regions += len(merged.wkb)
             handed_out_early += w.bi < grid[-1].bi
     assert handed_out_early > 0
     assert len(joiner) == 0 and not joiner.strips and not joiner.parent and not joiner.waiting
+    assert not joiner.sources and not joiner.untaken  # every block's piece geometries handed on
     assert regions == len(reference(a, connectivity)[0])
 
 
