@@ -57,6 +57,7 @@ class PeakSampler:
         self.root = psutil.Process(pid)
         self.interval_s = interval_s
         self.driver = 0
+        self.driver_private = 0.0
         self.role_of: dict[int, str] = {}
         self.worker: dict[str, int] = {}
         self._stop = threading.Event()
@@ -74,6 +75,7 @@ class PeakSampler:
         while not self._stop.is_set():
             try:
                 self.driver = max(self.driver, self.root.memory_info().rss)
+                self.driver_private = max(self.driver_private, _status_mib(self.root.pid, "RssAnon"))
                 children = self.root.children(recursive=True)
             except psutil.Error:
                 return
@@ -90,8 +92,9 @@ class PeakSampler:
             self._stop.wait(self.interval_s)
 
     def peaks_mib(self) -> dict[str, Any]:
-        """Driver peak and each worker role's peak (the largest process of that role), in MiB."""
-        return {"driver": round(self.driver / MIB, 1),
+        """Driver peak (resident, and private: its anonymous pages) and each worker role's peak (the largest
+        process of that role), in MiB."""
+        return {"driver": round(self.driver / MIB, 1), "driver_private": round(self.driver_private, 1),
                 "workers": {r: round(v / MIB, 1) for r, v in sorted(self.worker.items())}}
 
 
@@ -185,13 +188,14 @@ def child_geoseg(p: dict[str, Any]) -> dict[str, Any]:
 
     Ledger.mark_done = timed_mark_done  # type: ignore[method-assign]
     runtime._Dispatcher.run = recorded_dispatch  # type: ignore[method-assign]
-    peak_after: dict[str, float] = {}  # the driver's own peak RSS when each stage ended: which stage grows
+    private = _PrivatePeak()
+    peak_after: dict[str, float] = {}  # the driver's own peak private memory when each stage ended: which stage grows
 
     def staged(stage: str, fn: Any) -> Any:
         def wrapper(*a: Any, **kw: Any) -> Any:
-            peak_after.setdefault("tiles", _peak_rss_mib())  # the first wrapped stage starts when the tiles end
+            peak_after.setdefault("tiles", private.peak)  # the first wrapped stage starts when the tiles end
             out = fn(*a, **kw)
-            peak_after[stage] = _peak_rss_mib()
+            peak_after[stage] = private.peak
             return out
         return wrapper
 
@@ -220,7 +224,7 @@ def child_geoseg(p: dict[str, Any]) -> dict[str, Any]:
         "stamps": [s - seen["start"] for s in sorted(stamps)], "settings": {k: v for k, v in seen.items() if k != "start"},
         "imports_s": t_imported - t_start, "ray_start_s": t_ray - t_imported, "whole_run_s": t_done - p["t_launch"],
         "loadavg_run": [load_before, os.getloadavg()], "driver_peak_mib_own": _peak_rss_mib(),
-        "driver_peak_after_stage_mib": {k: round(v, 1) for k, v in peak_after.items()},
+        "driver_private_peak_after_stage_mib": {k: round(v, 1) for k, v in peak_after.items()},
     }
     if p["model_only"]:
         options = seen["options"]
@@ -274,6 +278,32 @@ def child_plan(p: dict[str, Any]) -> dict[str, Any]:
             "ledger_s": t3 - t2, "plan_json_mib": len(plan.to_json()) / MIB, "ledger_json_mib": len(text) / MIB,
             "rss_after_imports_mib": base, "peak_after_plan_mib": peak_plan, "peak_after_save_mib": peak_save,
             "peak_after_ledger_mib": _peak_rss_mib(), "cpu_s": round(time.process_time(), 1)}
+
+
+def _status_mib(pid: int | str, key: str) -> float:
+    """One memory figure of ``/proc/PID/status`` in MiB (0 where it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(f"{key}:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+class _PrivatePeak:
+    """This process's peak private memory (RssAnon), sampled every 0.05 s by a daemon thread.
+
+    Resident size also counts the shared pages of Ray's object store that the driver has mapped while
+    reading results (RssShmem; they belong to the node's object store, whose size Ray caps) and library
+    code; the private pages are the driver's own memory."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            self.peak = max(self.peak, _status_mib("self", "RssAnon"))
+            time.sleep(0.05)
 
 
 def _peak_rss_mib() -> float:
@@ -369,7 +399,7 @@ def main_comparison(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                       f"{geo['whole_run_s'] - stage['vectorise']:.1f} s"),
         ("stages (s)", f"imports {geo['imports_s']:.1f}, ray start {geo['ray_start_s']:.1f}, " +
          ", ".join(f"{k} {v:.1f}" for k, v in stage.items()) + f"; first batch done {first:.1f} s into tile_and_infer"),
-        ("memory (MiB)", f"driver {geo_peaks['driver']:.0f}, workers {geo_peaks['workers'] if local else 'remote'}, "
+        ("memory (MiB)", f"driver {geo_peaks['driver']:.0f} ({geo_peaks['driver_private']:.0f} private), workers {geo_peaks['workers'] if local else 'remote'}, "
                          f"naive {naive_peaks['driver']:.0f}"),
         ("load average", f"run {_fmt_load(geo['loadavg_run'])}, model only {_fmt_load(geo['loadavg_model_only'])}, "
                          f"naive {_fmt_load(naive['loadavg'])}"),
@@ -382,7 +412,8 @@ def main_comparison(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "whole_run_s": round(geo["whole_run_s"], 2), "stage_s": stage,
         "startup_s": {"imports": round(geo["imports_s"], 2), "ray_start": round(geo["ray_start_s"], 2),
                       "first_batch": round(first, 2)},
-        "driver_peak_mib": geo_peaks["driver"], "worker_peak_mib": worker_peak,
+        "driver_peak_mib": geo_peaks["driver"], "driver_private_peak_mib": geo_peaks["driver_private"],
+        "worker_peak_mib": worker_peak,
         "worker_peak_by_role_mib": geo_peaks["workers"] if local else None,
         "naive_mpx_s": round(naive_mpx, 4), "naive_peak_mib": naive_peaks["driver"], "naive_whole_s": round(naive_wall, 2),
         "naive_seconds": {k: round(v, 2) for k, v in naive["seconds"].items()},
@@ -399,8 +430,9 @@ def sweep(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     base = args.size or (1024 if args.quick else 2048)
     results = []
     _print_rows([("sweep", f"scenes of {base}, {2 * base}, {4 * base} px a side: 1x, 4x, 16x the area")])
-    print(f"{'area':>5} {'Mpx':>6} {'tiles':>6} {'driver MiB':>11} {'Predictor MiB':>14} {'run_tile MiB':>13} "
-          f"{'naive MiB':>10} {'geoseg s':>9} {'naive s':>8}   driver peak after tiles/mosaic/polygons", flush=True)
+    print("peak MiB: resident (private); the driver's private peak also when tiles / mosaic / polygons ended")
+    print(f"{'area':>5} {'Mpx':>6} {'tiles':>6} {'driver':>11} {'Predictor':>10} {'run_tile':>9} "
+          f"{'naive':>11} {'geoseg s':>9} {'naive s':>8}   driver private after stages", flush=True)
     for k in (1, 2, 4):
         size = base * k
         scene = assemble_scene(workdir / f"s2_mirrored_{size}.tif", size)
@@ -411,19 +443,24 @@ def sweep(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                                             "batch_size": args.batch_size,
                                                             "threads": geo["settings"]["threads"]}, workdir)
         row = {"area": k * k, "mpx": round(size * size / 1e6, 1), "tiles": geo["tiles"], "driver_peak_mib": peaks["driver"],
+               "driver_private_peak_mib": peaks["driver_private"],
                "worker_peak_by_role_mib": peaks["workers"], "naive_peak_mib": naive_peaks["driver"],
+               "naive_private_peak_mib": naive_peaks["driver_private"],
                "geoseg_whole_s": round(geo["whole_run_s"], 1), "naive_whole_s": round(naive_wall, 1),
-               "driver_peak_after_stage_mib": geo["driver_peak_after_stage_mib"], "loadavg": geo["loadavg_run"][1]}
+               "driver_private_peak_after_stage_mib": geo["driver_private_peak_after_stage_mib"],
+               "loadavg": geo["loadavg_run"][1]}
         results.append(row)
         w = peaks["workers"]
-        print(f"{k * k:>4}x {row['mpx']:6.1f} {row['tiles']:6d} {row['driver_peak_mib']:11.0f} "
-              f"{w.get('Predictor', 0):14.0f} {w.get('run_tile', 0):13.0f} {row['naive_peak_mib']:10.0f} "
+        print(f"{k * k:>4}x {row['mpx']:6.1f} {row['tiles']:6d} {row['driver_peak_mib']:5.0f} ({row['driver_private_peak_mib']:3.0f}) "
+              f"{w.get('Predictor', 0):10.0f} {w.get('run_tile', 0):9.0f} "
+              f"{row['naive_peak_mib']:5.0f} ({row['naive_private_peak_mib']:3.0f}) "
               f"{row['geoseg_whole_s']:9.1f} {row['naive_whole_s']:8.1f}   "
-              + " / ".join(f"{v:.0f}" for v in row["driver_peak_after_stage_mib"].values()), flush=True)
+              + " / ".join(f"{v:.0f}" for v in row["driver_private_peak_after_stage_mib"].values()), flush=True)
         scene.unlink()
     first, last = results[0], results[-1]
     return {"sweep": results,
             "driver_peak_growth_mib": round(last["driver_peak_mib"] - first["driver_peak_mib"], 1),
+            "driver_private_peak_growth_mib": round(last["driver_private_peak_mib"] - first["driver_private_peak_mib"], 1),
             "predictor_peak_growth_mib": round(last["worker_peak_by_role_mib"].get("Predictor", 0)
                                                - first["worker_peak_by_role_mib"].get("Predictor", 0), 1),
             "naive_peak_growth_mib": round(last["naive_peak_mib"] - first["naive_peak_mib"], 1)}
