@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import load_card
 from geoseg.mosaic import CLASSES_TIF, CONFIDENCE_TIF, mosaic
 from geoseg.plan import RunPlan, load_plan, make_plan, region_in, save_plan
-from geoseg.tile import TileJob, run_tile
+from geoseg.tile import GDAL_CACHE_MB, TileJob, run_tile
 from geoseg.vectorise import vectorise
 
 log = logging.getLogger(__name__)
@@ -225,10 +226,11 @@ class _Dispatcher:
                               "runtime_env": {"env_vars": {**runtime_env["env_vars"],
                                                            "OMP_NUM_THREADS": str(self.threads)}}}
         self.tiles_ref = ray.put(plan.tiles)
-        self.job_ref = ray.put(TileJob(run_dir, plan.run_id, plan.grid, plan.scenes, _region_in_grid(plan),
+        self.job_ref = ray.put(TileJob(run_dir, plan.run_id, uuid.uuid4().hex, plan.grid, plan.scenes, _region_in_grid(plan),
                                        card.input_dtype, len(card.bands)))
-        self.tile_remote = ray.remote(run_tile).options(num_cpus=execution.tile_cpus, max_retries=0,
-                                                         runtime_env=runtime_env)
+        self.tile_remote = ray.remote(run_tile).options(
+            num_cpus=execution.tile_cpus, max_retries=0,
+            runtime_env={"env_vars": {**runtime_env["env_vars"], "GDAL_CACHEMAX": str(GDAL_CACHE_MB)}})
         self.actor_class = ray.remote(Predictor)
         self.actors = [self._new_actor() for _ in range(n_actors)]
         self.settings = {"actors": n_actors, "actor_cpus": actor_cpus, "threads": self.threads,

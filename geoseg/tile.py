@@ -16,7 +16,7 @@ from shapely import wkt as shapely_wkt
 
 from geoseg.grid import Grid
 from geoseg.plan import SceneUse, touches
-from geoseg.scenes import read_window
+from geoseg.scenes import SceneReader
 from geoseg.store import Stores
 
 
@@ -26,6 +26,7 @@ class TileJob:
 
     run_dir: str
     run_id: str
+    execution_id: str  # new for every run or rerun: scenes a worker holds open are not reused across them
     grid: Grid
     scenes: tuple[SceneUse, ...]
     region_grid_wkt: str | None
@@ -45,7 +46,7 @@ def composite(layers: list[tuple[np.ndarray, np.ndarray]], band_count: int, size
     valid = np.zeros((size, size), bool)
     for data, ok in layers:
         take = ok & ~valid
-        image[:, take] = data[:, take]
+        np.copyto(image, data, where=take[None], casting="unsafe")
         valid |= take
     return image, valid
 
@@ -55,11 +56,22 @@ def make_tile(job: TileJob, stores: Stores, tile_id: int, row: int, col: int) ->
     g = job.grid
     transform = g.input_transform(row, col)
     shape = (g.input_size, g.input_size)
-    layers = [read_window(u.scene.url, u.bands, g.crs, transform, shape, u.aligned) for u in job.scenes_for(row, col)]
+    layers = [_reader(u.scene.url, job.execution_id).read(u.bands, g.crs, transform, shape, u.aligned)
+              for u in job.scenes_for(row, col)]
     image, valid = composite(layers, job.band_count, g.input_size, job.dtype)
     if job.region_grid_wkt is not None:
         valid &= geometry_mask([shapely_wkt.loads(job.region_grid_wkt)], out_shape=shape, transform=transform, invert=True)
     stores.write_tile(tile_id, image, valid)
+
+
+GDAL_CACHE_MB = 128  # the block cache of a tile worker (GDAL's default is 5% of RAM): bounds its memory
+
+
+@lru_cache(maxsize=8)
+def _reader(url: str, execution_id: str) -> SceneReader:
+    """A scene kept open by a reused worker process for the tiles of one execution: the blocks it decoded
+    serve the neighbouring tiles too. A later run or rerun opens it afresh (a repaired scene is read anew)."""
+    return SceneReader(url)
 
 
 @lru_cache(maxsize=4)

@@ -65,7 +65,7 @@ def test_concurrent_calls_run_every_forward_pass_on_one_thread(data_dir: Path, t
         run_dir = tmp_path / f"run{callers}"
         plan = make_plan(RunConfig(scenes=(str(scene),), out=str(run_dir), tile_size=128, halo=32))
         store.create(str(run_dir), plan.grid, plan.tiles, plan.scenes[0].scene.band_names, "uint16")
-        job = TileJob(str(run_dir), plan.run_id, plan.grid, plan.scenes, None, "uint16", 10)
+        job = TileJob(str(run_dir), plan.run_id, "test", plan.grid, plan.scenes, None, "uint16", 10)
         stores = store.Stores(str(run_dir))
         for i, (row, col) in enumerate(plan.tiles):
             make_tile(job, stores, i, int(row), int(col))

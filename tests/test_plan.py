@@ -13,7 +13,7 @@ from conftest import write_raster
 from geoseg.config import RunConfig
 from geoseg.errors import CheckpointError, ConfigError, RegionError, SceneError, SceneReadError
 from geoseg.plan import RunPlan, describe, make_plan
-from geoseg.scenes import open_scene, read_window
+from geoseg.scenes import SceneReader, open_scene
 
 S2_BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
 
@@ -121,7 +121,8 @@ def test_reprojected_read_marks_outside_pixels_invalid(data_dir: Path) -> None:
     # a window in EPSG:3035 straddling the scene's western edge
     plan = make_plan(RunConfig(scenes=(scene.url,), out="unused", crs="EPSG:3035"))
     g = plan.grid
-    data, valid = read_window(scene.url, (1, 2, 3), g.crs, g.input_transform(0, 0), (g.input_size, g.input_size), False)
+    data, valid = SceneReader(scene.url).read((1, 2, 3), g.crs, g.input_transform(0, 0), (g.input_size, g.input_size),
+                                              False)
     assert data.shape == (3, g.input_size, g.input_size)
     assert 0 < valid.mean() < 1  # the halo reaches outside the scene
     assert (data[:, valid] > 0).mean() > 0.99  # the scene itself has a few zero pixels

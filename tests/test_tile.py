@@ -1,10 +1,19 @@
-"""Compositing overlapping scenes: the first scene listed wins, later ones only fill its gaps."""
+"""Compositing overlapping scenes (the first scene listed wins, later ones only fill its gaps), and how a\nworker keeps scenes open."""
 
 from __future__ import annotations
 
-import numpy as np
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
-from geoseg.tile import composite
+import numpy as np
+import rasterio
+
+from geoseg import store
+from geoseg.config import RunConfig
+from geoseg.plan import make_plan
+from geoseg.tile import TileJob, _reader, composite, make_tile
 
 
 def test_first_valid_scene_wins_and_later_scenes_fill_gaps() -> None:
@@ -19,3 +28,29 @@ def test_first_valid_scene_wins_and_later_scenes_fill_gaps() -> None:
     assert (image[:, :2, 2:] == 20).all()
     assert (image[:, 2:, 2:] == 0).all()
     assert np.array_equal(valid, va | vb)
+
+
+def test_a_worker_reads_each_scene_through_one_handle_per_execution(tmp_path: Path, data_dir: Path) -> None:
+    """Tiles of one execution share the open scene (and its decoded blocks); a new execution opens it
+    afresh, so a scene replaced between a run and its rerun is read as it is now."""
+    original = data_dir / "sentinel2_strzegom" / "scenes" / "strzegom_20230530_33u.tif"
+    scene = tmp_path / "scene.tif"
+    shutil.copyfile(original, scene)
+    run_dir = str(tmp_path / "run")
+    plan = make_plan(RunConfig(scenes=(str(scene),), out=run_dir, tile_size=128, halo=32))
+    store.create(run_dir, plan.grid, plan.tiles, plan.scenes[0].scene.band_names, "uint16")
+    stores = store.Stores(run_dir)
+    job = TileJob(run_dir, plan.run_id, "first", plan.grid, plan.scenes, None, "uint16", 10)
+    opened = _reader.cache_info().misses
+    for i in range(3):
+        make_tile(job, stores, i, *(int(v) for v in plan.tiles[i]))
+    assert _reader.cache_info().misses == opened + 1  # one open for three tiles
+    before = stores.image[0]
+
+    with rasterio.open(original) as src:
+        profile, pixels = src.profile, src.read()
+    with rasterio.open(tmp_path / "new.tif", "w", **profile) as dst:
+        dst.write(pixels // 2)
+    os.replace(tmp_path / "new.tif", scene)  # a new file at the same path
+    make_tile(replace(job, execution_id="second"), stores, 0, *(int(v) for v in plan.tiles[0]))
+    assert np.array_equal(stores.image[0], before // 2)
