@@ -50,7 +50,8 @@ class PeakSampler:
     """Peak RSS of one process and of its Ray worker descendants by role, sampled in a background thread.
 
     A Ray worker's process title names what it runs (``ray::Predictor``, ``ray::run_tile``); a worker
-    keeps the role it was first seen with even while it idles between tasks.
+    keeps its role while it idles between tasks. CPU seconds are summed by role from each worker's last
+    sample.
     """
 
     def __init__(self, pid: int, interval_s: float = 0.2) -> None:
@@ -60,6 +61,7 @@ class PeakSampler:
         self.driver_private = 0.0
         self.role_of: dict[int, str] = {}
         self.worker: dict[str, int] = {}
+        self.cpu_s: dict[int, float] = {}  # worker pid -> CPU seconds (user + system) when last seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -83,19 +85,27 @@ class PeakSampler:
                 try:
                     title = (p.cmdline() or [""])[0]
                     rss = p.memory_info().rss
+                    cpu = p.cpu_times()
                 except psutil.Error:
                     continue
-                role = next((r for r in ROLES if title.startswith(f"ray::{r}")), None) or self.role_of.get(p.pid)
+                role = next((r for r in ROLES if title.startswith(f"ray::{r}")), None)
+                if role is None and title == "ray::IDLE":
+                    role = self.role_of.get(p.pid)
                 if role is not None:
                     self.role_of[p.pid] = role
                     self.worker[role] = max(self.worker.get(role, 0), rss)
+                    self.cpu_s[p.pid] = cpu.user + cpu.system
             self._stop.wait(self.interval_s)
 
     def peaks_mib(self) -> dict[str, Any]:
         """Driver peak (resident, and private: its anonymous pages) and each worker role's peak (the largest
         process of that role), in MiB."""
+        cpu: dict[str, float] = {}
+        for pid, seconds in self.cpu_s.items():
+            cpu[self.role_of[pid]] = cpu.get(self.role_of[pid], 0.0) + seconds
         return {"driver": round(self.driver / MIB, 1), "driver_private": round(self.driver_private, 1),
-                "workers": {r: round(v / MIB, 1) for r, v in sorted(self.worker.items())}}
+                "workers": {r: round(v / MIB, 1) for r, v in sorted(self.worker.items())},
+                "worker_cpu_s": {r: round(v, 2) for r, v in sorted(cpu.items())}}
 
 
 def in_child(role: str, params: dict[str, Any], workdir: Path) -> tuple[dict[str, Any], dict[str, Any], float]:
@@ -397,6 +407,9 @@ def main_comparison(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                       f"naive {naive_wall:.1f} s ({size * size / 1e6 / naive_wall:.3f} Mpx/s), process start to output; "
                       f"geoseg to its class raster (before polygons, which the loop does not make) "
                       f"{geo['whole_run_s'] - stage['vectorise']:.1f} s"),
+        ("worker CPU", "per tile (sampled every 0.2 s, process start-up included): "
+                       + ", ".join(f"{r} {1000 * geo_peaks['worker_cpu_s'][r] / geo['tiles']:.1f} ms"
+                                   for r in ("run_tile", "Predictor") if r in geo_peaks["worker_cpu_s"])),
         ("stages (s)", f"imports {geo['imports_s']:.1f}, ray start {geo['ray_start_s']:.1f}, " +
          ", ".join(f"{k} {v:.1f}" for k, v in stage.items()) + f"; first batch done {first:.1f} s into tile_and_infer"),
         ("memory (MiB)", f"driver {geo_peaks['driver']:.0f} ({geo_peaks['driver_private']:.0f} private), workers {geo_peaks['workers'] if local else 'remote'}, "
@@ -415,6 +428,8 @@ def main_comparison(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "driver_peak_mib": geo_peaks["driver"], "driver_private_peak_mib": geo_peaks["driver_private"],
         "worker_peak_mib": worker_peak,
         "worker_peak_by_role_mib": geo_peaks["workers"] if local else None,
+        "worker_cpu_ms_per_tile": {r: round(1000 * v / geo["tiles"], 2) for r, v in geo_peaks["worker_cpu_s"].items()
+                                   if r != "_ModelOnly"} if local else None,
         "naive_mpx_s": round(naive_mpx, 4), "naive_peak_mib": naive_peaks["driver"], "naive_whole_s": round(naive_wall, 2),
         "naive_seconds": {k: round(v, 2) for k, v in naive["seconds"].items()},
         "speedup_vs_naive": round(e2e / naive_mpx, 3), "whole_run_speedup_vs_naive": round(naive_wall / geo["whole_run_s"], 3),
