@@ -47,20 +47,22 @@ MODEL_BATCHES_HELD = 8
 
 
 class PeakSampler:
-    """Peak RSS of one process and of its Ray worker descendants by role, sampled in a background thread.
+    """Peak RSS of one process and of its Ray worker descendants by role, read in a background thread.
 
     A Ray worker's process title names what it runs (``ray::Predictor``, ``ray::run_tile``); a worker
-    keeps its role while it idles between tasks. CPU seconds are summed by role from each worker's last
+    keeps its role while it idles between tasks. Peaks are the kernel-kept peak RSS (VmHWM) of each
+    process as last read, so they do not depend on a sample landing on a short peak; the driver's private
+    memory has no such counter and is sampled. CPU seconds are summed by role from each worker's last
     sample.
     """
 
     def __init__(self, pid: int, interval_s: float = 0.2) -> None:
         self.root = psutil.Process(pid)
         self.interval_s = interval_s
-        self.driver = 0
+        self.driver = 0.0
         self.driver_private = 0.0
         self.role_of: dict[int, str] = {}
-        self.worker: dict[str, int] = {}
+        self.worker: dict[str, float] = {}
         self.cpu_s: dict[int, float] = {}  # worker pid -> CPU seconds (user + system) when last seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -76,7 +78,7 @@ class PeakSampler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.driver = max(self.driver, self.root.memory_info().rss)
+                self.driver = max(self.driver, _status_mib(self.root.pid, "VmHWM") * MIB)
                 self.driver_private = max(self.driver_private, _status_mib(self.root.pid, "RssAnon"))
                 children = self.root.children(recursive=True)
             except psutil.Error:
@@ -84,7 +86,7 @@ class PeakSampler:
             for p in children:
                 try:
                     title = (p.cmdline() or [""])[0]
-                    rss = p.memory_info().rss
+                    peak = _status_mib(p.pid, "VmHWM") * MIB  # the process's own exact peak, not a sample
                     cpu = p.cpu_times()
                 except psutil.Error:
                     continue
@@ -93,7 +95,7 @@ class PeakSampler:
                     role = self.role_of.get(p.pid)
                 if role is not None:
                     self.role_of[p.pid] = role
-                    self.worker[role] = max(self.worker.get(role, 0), rss)
+                    self.worker[role] = max(self.worker.get(role, 0), peak)
                     self.cpu_s[p.pid] = cpu.user + cpu.system
             self._stop.wait(self.interval_s)
 
