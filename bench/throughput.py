@@ -41,6 +41,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _scene import assemble_scene, naive_segment, strzegom_scenes  # noqa: E402
 
+from geoseg.config import default_batch_size  # noqa: E402
+
 MIB = 2**20
 ROLES = ("Predictor", "run_tile", "_ModelOnly")
 MODEL_BATCHES_HELD = 8
@@ -523,7 +525,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run in a few minutes")
     ap.add_argument("--repeat", type=int, default=3, help="end-to-end + model-only pairs; the median efficiency is reported (default 3)")
     ap.add_argument("--size", type=int, help="scene side in px (default 5120 = 26 Mpx; sweep base 2048)")
-    ap.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (geoseg's default 4)")
+    ap.add_argument("--batch-size", type=int, help="tiles per forward pass (geoseg's default: 4 on CPU, 64 with --gpu)")
     ap.add_argument("--sweep", action="store_true", help="the memory sweep (1x, 4x, 16x the area) instead of the comparison")
     ap.add_argument("--million-tiles", action="store_true", help="the continental planning figure instead of the comparison")
     ap.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
@@ -535,6 +537,7 @@ def main() -> None:
     ap.add_argument("--params", help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.batch_size = args.batch_size or default_batch_size(args.gpu)
     if args.child:
         try:
             with open("/proc/self/clear_refs", "w") as f:

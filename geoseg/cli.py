@@ -58,7 +58,7 @@ def _run_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a RUN_DIR made from a different plan")
     p.add_argument("--tile-size", type=int, help="tile core side in px (default: the model card's)")
     p.add_argument("--halo", type=int, help="context px on each side of a tile (default: the model card's)")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--batch-size", type=int, help="tiles per forward pass (default 4 on CPU actors, 64 on GPU actors)")
     p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, else one)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="use GPU actors (default: if any)")
     _vectorise_options(p)

@@ -24,7 +24,7 @@ from shapely.ops import transform as shapely_transform
 from shapely.ops import unary_union
 
 from geoseg import storage
-from geoseg.config import RunConfig, VectoriseSettings
+from geoseg.config import RunConfig, VectoriseSettings, default_batch_size
 from geoseg.errors import ConfigError, RegionError, RunDirError, SceneError
 from geoseg.grid import Grid, snap_grid, tiles_covering, utm_epsg
 from geoseg.model import SHIPPED
@@ -232,7 +232,7 @@ def make_plan(config: RunConfig) -> RunPlan:
         grid=grid,
         tiles=tiles,
         region_wkt=config.region_wkt,
-        batch_size=config.batch_size,
+        batch_size=config.batch_size or default_batch_size(use_gpu=False),  # runtime.run sizes it for the cluster
         vectorise=config.vectorise,
         warnings=tuple(warnings),
     )

@@ -23,7 +23,7 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from ray.exceptions import RayActorError, RayError
 from shapely import wkt as shapely_wkt
 
 from geoseg import storage, store
-from geoseg.config import ExecutionSettings, RunConfig
+from geoseg.config import ExecutionSettings, RunConfig, default_batch_size
 from geoseg.errors import ConfigError, PlanMismatchError
 from geoseg.infer import Predictor
 from geoseg.ledger import Failure, Ledger, load_ledger, save_ledger
@@ -63,6 +63,9 @@ class RunResult:
 def run(config: RunConfig, execution: ExecutionSettings, overwrite: bool = False) -> RunResult:
     """Plan (or reuse the identical plan already in RUN_DIR) and execute a run."""
     t0 = time.perf_counter()
+    if config.batch_size is None:
+        connect(execution.ray_address)
+        config = replace(config, batch_size=batch_size_for(execution))
     plan = make_plan(config)
     existing = _existing_plan(config.out)
     if existing is not None and not overwrite:
@@ -123,6 +126,19 @@ def connect(address: str | None) -> None:
         ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
     else:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+
+
+def uses_gpu(execution: ExecutionSettings) -> bool:
+    """Whether inference runs on GPUs: as asked, else when the connected cluster has any."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if execution.use_gpu and gpus == 0:
+        raise ConfigError("use_gpu is set but the Ray cluster has no GPUs: drop it or add GPU workers")
+    return gpus > 0 if execution.use_gpu is None else execution.use_gpu
+
+
+def batch_size_for(execution: ExecutionSettings) -> int:
+    """The default batch for the inference device the connected cluster will use."""
+    return default_batch_size(uses_gpu(execution))
 
 
 def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: float = 0.0) -> RunResult:
@@ -206,9 +222,7 @@ class _Dispatcher:
         self.run_dir, self.plan, self.ledger, self.ex = run_dir, plan, ledger, execution
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        self.use_gpu = gpus > 0 if execution.use_gpu is None else execution.use_gpu
-        if self.use_gpu and gpus == 0:
-            raise ConfigError("use_gpu is set but the Ray cluster has no GPUs: drop it or add GPU workers")
+        self.use_gpu = uses_gpu(execution)
         n_actors = execution.actors or (gpus if self.use_gpu else 1)
         cpus = float(resources.get("CPU", 1))
         actor_cpus = execution.actor_cpus or (1.0 if self.use_gpu else max(1.0, cpus / n_actors - 2 * execution.tile_cpus))
@@ -226,8 +240,8 @@ class _Dispatcher:
                               "runtime_env": {"env_vars": {**runtime_env["env_vars"],
                                                            "OMP_NUM_THREADS": str(self.threads)}}}
         self.tiles_ref = ray.put(plan.tiles)
-        self.job_ref = ray.put(TileJob(run_dir, plan.run_id, uuid.uuid4().hex, plan.grid, plan.scenes, _region_in_grid(plan),
-                                       card.input_dtype, len(card.bands)))
+        self.job_ref = ray.put(TileJob(run_dir, plan.run_id, uuid.uuid4().hex, plan.grid, plan.scenes,
+                                       _region_in_grid(plan), card.input_dtype, len(card.bands)))
         self.tile_remote = ray.remote(run_tile).options(
             num_cpus=execution.tile_cpus, max_retries=0,
             runtime_env={"env_vars": {**runtime_env["env_vars"], "GDAL_CACHEMAX": str(GDAL_CACHE_MB)}})

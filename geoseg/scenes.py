@@ -151,10 +151,6 @@ class SceneReader:
             valid = (vrt.dataset_mask() if self.has_mask else vrt.read(vrt.count)) > 0
         return data, valid
 
-    def close(self) -> None:
-        """Release the dataset and its cached blocks."""
-        self.src.close()
-
     @contextmanager
     def _gdal_errors(self) -> Iterator[None]:
         try:

@@ -11,6 +11,9 @@ import os
 import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ from shapely import union_all
 
 from geoseg import runtime
 from geoseg.cli import main
-from geoseg.config import ExecutionSettings, RunConfig
+from geoseg.config import CPU_BATCH, GPU_BATCH, ExecutionSettings, RunConfig
 from geoseg.errors import PlanMismatchError
 from geoseg.model.checkpoint import load_card
 from geoseg.mosaic import mosaic
@@ -112,6 +115,7 @@ def s2_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
 def test_sentinel2_scene_end_to_end(s2_run: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = check_outputs(s2_run, data_dir / "sentinel2_strzegom" / "classes.json")
     assert report["tiles_done"] == report["tiles_total"] > 0 and report["tiles_failed"] == 0
+    assert load_plan(str(s2_run)).batch_size == CPU_BATCH  # no --batch-size: sized for this GPU-less cluster
     # a real trained model: its map agrees with the labelled fields of this (held-out) date
     classes = read_classes(s2_run)
     with rasterio.open(data_dir / "sentinel2_strzegom" / "labels" / f"strzegom_{S2_DATE}_33u.tif") as src:
@@ -190,6 +194,24 @@ def test_settings_the_cluster_cannot_hold_are_named_errors_and_rerun_recovers(
     assert (out / "plan.json").exists() and not (out / "classes.tif").exists()
     assert main(["rerun", str(out)]) == 0
     assert read_classes(out).max() > 0
+
+
+def test_default_batch_fills_a_gpu_when_the_cluster_has_one() -> None:
+    """Without --batch-size a run takes 4 tiles per forward pass on CPU actors and 64 on GPU actors. A
+    separate local Ray that declares one GPU (Ray's own resource accounting; no GPU is used)."""
+    root = Path(tempfile.mkdtemp(prefix="gs-gpu-", dir="/tmp"))  # Ray's socket paths must stay short
+    code = ("import ray; from geoseg import runtime; from geoseg.config import ExecutionSettings as E; "
+            f"ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, _temp_dir={str(root / 'r')!r}); "
+            "print(runtime.batch_size_for(E()), runtime.batch_size_for(E(use_gpu=False)))")
+    env = {**os.environ, "HOME": str(root), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == [str(GPU_BATCH), str(CPU_BATCH)]
+    assert runtime.batch_size_for(ExecutionSettings()) == CPU_BATCH  # this session's Ray has no GPU
 
 
 # --- failures and reruns: 64 px tiles so the 401 px scene makes 49 tiles -------------------------------
