@@ -60,6 +60,9 @@ def _run_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--halo", type=int, help="context px on each side of a tile (default: the model card's)")
     p.add_argument("--batch-size", type=int, help="tiles per forward pass (default 4 on CPU actors, 64 on GPU actors)")
     p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, else one)")
+    p.add_argument("--readers-per-actor", type=int, metavar="N",
+                   help="tile-reading tasks in flight per inference actor (default: 1 for a CPU actor, one per free "
+                        "CPU for a GPU actor)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="use GPU actors (default: if any)")
     _vectorise_options(p)
 
@@ -107,7 +110,8 @@ def run_config(args: argparse.Namespace) -> tuple[RunConfig, ExecutionSettings]:
         tile_size=args.tile_size, halo=args.halo, batch_size=args.batch_size,
         vectorise=VectoriseSettings(args.connectivity, args.min_area, args.simplify, args.block_size),
     )
-    return config, ExecutionSettings(ray_address=args.ray_address, actors=args.actors, use_gpu=args.gpu)
+    return config, ExecutionSettings(ray_address=args.ray_address, actors=args.actors, use_gpu=args.gpu,
+                                     readers_per_actor=args.readers_per_actor)
 
 
 def _summary(report: dict) -> str:
