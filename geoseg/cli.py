@@ -56,14 +56,18 @@ def _run_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", help="Ray cluster to join (default: start a local Ray)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     p.add_argument("--overwrite", action="store_true", help="replace a RUN_DIR made from a different plan")
-    p.add_argument("--tile-size", type=int, help="tile core side in px (default: the model card's)")
+    p.add_argument("--tile-size", type=int, help="tile core side in px (default 1024, less for a smaller grid)")
     p.add_argument("--halo", type=int, help="context px on each side of a tile (default: the model card's)")
-    p.add_argument("--batch-size", type=int, help="tiles per forward pass (default 4 on CPU actors, 64 on GPU actors)")
-    p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, else one)")
+    p.add_argument("--batch-size", type=int,
+                   help="tiles per forward pass (default: ~0.6 Mpx of input on CPU actors, ~9.4 Mpx on GPU actors)")
+    p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, else one per node with CPUs)")
     p.add_argument("--readers-per-actor", type=int, metavar="N",
-                   help="tile-reading tasks in flight per inference actor (default: 1 for a CPU actor, one per free "
-                        "CPU for a GPU actor)")
-    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="use GPU actors (default: if any)")
+                   help="tile-reading tasks in flight per inference actor (default: one per 8 CPUs of a CPU actor's "
+                        "node, 16 for a GPU actor)")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="use GPU actors (default: when the cluster has or its autoscaler can start GPU nodes)")
+    p.add_argument("--device", choices=("cuda", "cpu"),
+                   help="where the actors' forward pass runs (default: cuda on GPU actors, else cpu)")
     _vectorise_options(p)
 
 
@@ -111,7 +115,7 @@ def run_config(args: argparse.Namespace) -> tuple[RunConfig, ExecutionSettings]:
         vectorise=VectoriseSettings(args.connectivity, args.min_area, args.simplify, args.block_size),
     )
     return config, ExecutionSettings(ray_address=args.ray_address, actors=args.actors, use_gpu=args.gpu,
-                                     readers_per_actor=args.readers_per_actor)
+                                     device=args.device, readers_per_actor=args.readers_per_actor)
 
 
 def _summary(report: dict) -> str:

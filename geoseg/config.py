@@ -38,7 +38,8 @@ class RunConfig:
     bands: tuple[str, ...] | None = None
     """Names of every scene band in order, for scenes that do not name their own."""
     tile_size: int | None = None
-    """Tile core side in pixels; None takes the model card's."""
+    """Tile core side in pixels; None: :func:`default_tile_size` (larger than the card's, so less halo is
+    recomputed; the network is fully convolutional)."""
     halo: int | None = None
     """Context pixels added on each side of a tile; None takes the model card's."""
     batch_size: int | None = None
@@ -55,19 +56,24 @@ class ExecutionSettings:
     ray_address: str | None = None
     """Ray cluster to join; None starts (or reuses) a local Ray."""
     actors: int | None = None
-    """Inference actors; None: one per GPU on a GPU cluster, else one."""
+    """Inference actors; None: one per GPU the cluster has or can have (autoscaling), else one per
+    node offering CPUs."""
     actor_cpus: float | None = None
-    """CPUs reserved per inference actor (its torch thread count); None: 1 with a GPU, else the
-    cluster's CPUs less what the tile readers need."""
+    """CPUs reserved per inference actor; None: 1 with a GPU, else its node's CPUs less the share
+    reserved for tile readers there."""
     use_gpu: bool | None = None
-    """Run inference on GPUs; None uses them when the cluster has any."""
+    """Run inference on GPU actors; None: when the cluster has GPUs or its autoscaler can start GPU
+    nodes. With True on an autoscaling cluster the actors wait for GPU nodes to arrive."""
+    device: str | None = None
+    """Where an actor's forward pass runs: "cuda" or "cpu"; None: "cuda" on GPU actors, else "cpu".
+    "cpu" on GPU actors is for clusters that declare GPUs without having them (tests)."""
     prefetch: int = 2
     """Batches an inference actor works on at once: one in the forward pass while the others are
     read from or written to the store."""
     readers_per_actor: int | None = None
-    """Tile-reading tasks in flight per inference actor; None: 1 for a CPU actor (more only take the
-    cores its forward pass needs: measured 89% pipeline efficiency with 1 reader, 79% with 2, 69% with 8
-    on 2 cores), and the CPUs the actors leave free for a GPU actor."""
+    """Tile-reading tasks (each a run of neighbouring tiles) in flight per inference actor; None: one
+    per 8 CPUs of a CPU actor's node (at least 1), :data:`GPU_READERS` for a GPU actor: enough
+    demand for CPU nodes that an autoscaler starts them."""
     tile_cpus: float = 0.25
     """CPUs reserved per tile-reading task (mostly I/O and GDAL warping)."""
     max_attempts: int = 2
@@ -76,10 +82,17 @@ class ExecutionSettings:
     """Show tiles done / failed / total while running."""
 
 
-CPU_BATCH = 4  # one torch thread per core: larger batches gain nothing on a CPU
-GPU_BATCH = 64  # 90% of batch 256's rate on an H100 for the shipped models (docs/performance.md)
+TILE_SIZE = 1024  # default core: 1.27x computed px per output px at a 64 px halo, against 2.25x at 256
+CPU_BATCH_PX = 4 * 384**2  # one CPU batch: larger ones gain nothing on a CPU (1 tile of 1024 + 2 x 64)
+GPU_BATCH_PX = 64 * 384**2  # 90% of the rate of 4x that on an H100 for the shipped models (docs/performance.md)
+GPU_READERS = 16  # tile-reading tasks in flight per GPU actor
 
 
-def default_batch_size(use_gpu: bool) -> int:
-    """The batch that keeps the inference device busy: small on a CPU, large enough to fill a GPU."""
-    return GPU_BATCH if use_gpu else CPU_BATCH
+def default_tile_size(width: int, height: int) -> int:
+    """:data:`TILE_SIZE`, or less for a grid smaller than one tile (a multiple of 32, the network's stride)."""
+    return min(TILE_SIZE, -(-max(width, height) // 32) * 32)
+
+
+def default_batch_size(use_gpu: bool, input_size: int) -> int:
+    """Tiles per forward pass that keep the device busy: few pixels on a CPU, enough to fill a GPU."""
+    return max(1, (GPU_BATCH_PX if use_gpu else CPU_BATCH_PX) // input_size**2)

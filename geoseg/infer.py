@@ -7,11 +7,13 @@ On a GPU it runs bf16 autocast with pinned host memory and non-blocking copies; 
 
 from __future__ import annotations
 
+import ctypes
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from geoseg.cluster import this_node
 from geoseg.grid import Grid
 from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import load_model
@@ -42,13 +44,27 @@ def prepare(card: ModelCard, image: np.ndarray, valid: np.ndarray, batch_size: i
     return x
 
 
+FORWARD_THREAD = "gs-forward"  # OS name of the forward thread; torch's OpenMP workers inherit it
+
+
+def _start_forward_thread(threads: int) -> None:
+    """Set the forward thread's torch thread count and OS name (so per-thread CPU shows the forward pass)."""
+    torch.set_num_threads(threads)
+    try:
+        ctypes.CDLL(None).prctl(15, FORWARD_THREAD.encode(), 0, 0, 0)  # PR_SET_NAME; Linux only
+    except (OSError, AttributeError):
+        pass
+
+
 class Predictor:
-    """Holds the model and the open stores; ``__call__`` predicts and writes a batch of tiles.
+    """Holds the model and the open stores; ``__call__`` predicts and writes tiles, a batch at a time.
 
     Calls may run concurrently (a threaded Ray actor): reading the next batch from zarr and writing
     the last one overlap with the forward pass. Every forward pass runs on one dedicated thread: one
     batch at a time, and its activations always come from that thread's malloc arena (forward passes
     spread over the callers' threads left each arena holding a forward pass's worth of freed memory).
+    Raw tiles go to the device as they are stored; normalising and masking happen there, in the
+    forward pass, so the host only decodes and encodes zarr chunks.
     """
 
     def __init__(self, model: str, run_dir: str, grid: Grid, tiles: np.ndarray, batch_size: int,
@@ -58,38 +74,55 @@ class Predictor:
         self.card, self.model = load_model(model, device=device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.class_ids = torch.as_tensor(self.card.class_ids, device=self.device)
+        as_bands = lambda v: torch.tensor(v, dtype=torch.float32, device=self.device)[:, None, None]  # noqa: E731
+        self.scale = torch.tensor(self.card.scale, dtype=torch.float32, device=self.device)
+        self.mean, self.std = as_bands(self.card.mean), as_bands(self.card.std)
         self.bf16 = self.device.type == "cuda"
         self.stores = Stores(run_dir)
         self.grid = grid
         self.tiles = tiles
         self.batch_size = batch_size
-        self._forward = ThreadPoolExecutor(1, "forward", initializer=torch.set_num_threads, initargs=(self.threads,))
+        self._forward = ThreadPoolExecutor(1, "forward", initializer=_start_forward_thread, initargs=(self.threads,))
 
-    def __call__(self, tile_ids: list[int]) -> list[tuple[int, str | None]]:
-        """Predict and write tiles; (tile id, error or None) each. A failing batch is retried tile by tile
-        so one bad tile cannot take its batch-mates down with it."""
+    def __call__(self, tile_ids: list[int]) -> tuple[str, list[tuple[int, str | None]]]:
+        """Predict and write tiles, ``batch_size`` at a time; this node's id and (tile id, error or None) each."""
+        b = self.batch_size
+        results = [r for k in range(0, len(tile_ids), b) for r in self._batch(tile_ids[k:k + b])]
+        return this_node(), results
+
+    def _batch(self, tile_ids: list[int]) -> list[tuple[int, str | None]]:
+        """One batch; a failing batch is retried tile by tile so one bad tile cannot take its batch-mates down."""
         try:
             self._run(tile_ids)
             return [(i, None) for i in tile_ids]
         except Exception as exc:  # recorded per tile by the driver
             if len(tile_ids) == 1:
                 return [(tile_ids[0], f"{type(exc).__name__}: {exc}")]
-        return [result for i in tile_ids for result in self([i])]
+        return [result for i in tile_ids for result in self._batch([i])]
 
-    def _predict(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    @torch.inference_mode()
+    def _predict(self, image: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """On the forward thread: raw tiles padded to the batch size → class ids and confidence, 0 where invalid.
+
+        Normalised exactly as :meth:`ModelCard.normalise` and :func:`prepare` do (the same float32 operations)."""
+        n = image.shape[0]
+        raw = torch.zeros((self.batch_size, *image.shape[1:]), dtype=torch.from_numpy(image[:1]).dtype)
+        ok = torch.zeros((self.batch_size, *valid.shape[1:]), dtype=torch.bool)
+        raw[:n], ok[:n] = torch.from_numpy(image), torch.from_numpy(valid)
+        if self.device.type == "cuda":
+            raw = raw.pin_memory().to(self.device, non_blocking=True)
+            ok = ok.pin_memory().to(self.device, non_blocking=True)
+        x = raw.to(torch.float32).mul_(self.scale).sub_(self.mean).div_(self.std)
+        x.masked_fill_(~ok[:, None], 0.0)
         classes, conf = predict(self.model, x, self.class_ids, self.bf16)
-        return classes.cpu().numpy(), conf.cpu().numpy()
+        classes, conf = classes.masked_fill_(~ok, 0), conf.masked_fill_(~ok, 0)
+        return classes[:n].cpu().numpy(), conf[:n].cpu().numpy()
 
     def _run(self, tile_ids: list[int]) -> None:
         image, valid = self.stores.read_tiles(tile_ids)
-        x = torch.from_numpy(prepare(self.card, image, valid, self.batch_size))
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        classes, conf = self._forward.submit(self._predict, x).result()
+        classes, conf = self._forward.submit(self._predict, image, valid).result()
         h = self.grid.halo
         for k, tile_id in enumerate(tile_ids):
             rows, cols = self.grid.core_window(*(int(v) for v in self.tiles[tile_id]))
             core = (slice(h, h + rows.stop - rows.start), slice(h, h + cols.stop - cols.start))
-            ok = valid[k][core]
-            self.stores.write_prediction(rows, cols, np.where(ok, classes[k][core], 0).astype(np.uint8),
-                                         np.where(ok, conf[k][core], 0).astype(np.uint8))
+            self.stores.write_prediction(rows, cols, classes[k][core], conf[k][core])

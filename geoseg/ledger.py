@@ -2,7 +2,9 @@
 
 Only the driver writes the ledger, from the (tile id, ok | error) results its workers return; a
 tile is reported ok only after its prediction chunk is completely written, so a tile marked done
-never has partial output. The file is rewritten atomically, and losing the last few updates in a
+never has partial output. While tiles run, the driver appends what changed since its last save as a
+small journal part (``ledger.d/``): a save costs the tiles changed, not all tiles. At the end of a run
+the parts are folded into ``ledger.json`` (rewritten atomically). Losing the last few updates in a
 crash only means those tiles are redone, which writes the same bytes again.
 """
 
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from geoseg import storage
 
 LEDGER_FILE = "ledger.json"
+JOURNAL_DIR = "ledger.d"
 
 
 @dataclass(frozen=True)
@@ -34,15 +38,27 @@ class Ledger:
     tile_count: int
     done: set[int] = field(default_factory=set)
     failed: dict[int, Failure] = field(default_factory=dict)
+    changed: set[int] = field(default_factory=set, compare=False)  # since the last save
+    journal_parts: int = field(default=0, compare=False)  # parts written since ledger.json
 
     def mark_done(self, tile_id: int) -> None:
         """Record a tile whose output is completely written."""
         self.done.add(tile_id)
         self.failed.pop(tile_id, None)
+        self.changed.add(tile_id)
 
     def mark_failed(self, tile_id: int, failure: Failure) -> None:
         """Record a tile that failed for good in this run."""
         self.failed[tile_id] = failure
+        self.changed.add(tile_id)
+
+    def apply(self, part: dict[str, Any]) -> None:
+        """Replay one journal part (failures first: a tile done later in the same part is done)."""
+        for k, v in part["failed"].items():
+            self.failed[int(k)] = Failure(**v)
+        for i in part["done"]:
+            self.done.add(i)
+            self.failed.pop(i, None)
 
     def not_done(self) -> list[int]:
         """Tiles a rerun must process: failed or never finished, in id order."""
@@ -72,11 +88,29 @@ class Ledger:
 def load_ledger(run_dir: str, tile_count: int) -> Ledger:
     """The run's ledger, or an empty one for a run not started yet."""
     url = storage.join(run_dir, LEDGER_FILE)
-    if not storage.exists(url):
-        return Ledger(tile_count)
-    return Ledger.from_json(storage.read_bytes(url).decode())
+    ledger = Ledger.from_json(storage.read_bytes(url).decode()) if storage.exists(url) else Ledger(tile_count)
+    parts = storage.list_files(storage.join(run_dir, JOURNAL_DIR))
+    for part in parts:
+        ledger.apply(json.loads(storage.read_bytes(part)))
+    ledger.journal_parts = len(parts)
+    return ledger
+
+
+def flush_ledger(run_dir: str, ledger: Ledger) -> None:
+    """Append the tiles changed since the last save as one journal part: O(changed), not O(all tiles)."""
+    if not ledger.changed:
+        return
+    part = {"done": sorted(i for i in ledger.changed if i in ledger.done),
+            "failed": {str(i): vars(ledger.failed[i]) for i in sorted(ledger.changed) if i in ledger.failed}}
+    name = storage.join(run_dir, JOURNAL_DIR, f"{ledger.journal_parts:08d}.json")
+    storage.write_bytes(name, json.dumps(part).encode())
+    ledger.journal_parts += 1
+    ledger.changed.clear()
 
 
 def save_ledger(run_dir: str, ledger: Ledger) -> None:
-    """Rewrite the ledger atomically."""
+    """Rewrite the whole ledger atomically, then drop the journal parts it now holds."""
     storage.write_bytes(storage.join(run_dir, LEDGER_FILE), ledger.to_json().encode())
+    storage.remove(storage.join(run_dir, JOURNAL_DIR))
+    ledger.changed.clear()
+    ledger.journal_parts = 0

@@ -24,7 +24,7 @@ from shapely.ops import transform as shapely_transform
 from shapely.ops import unary_union
 
 from geoseg import storage
-from geoseg.config import RunConfig, VectoriseSettings, default_batch_size
+from geoseg.config import RunConfig, VectoriseSettings, default_batch_size, default_tile_size
 from geoseg.errors import ConfigError, RegionError, RunDirError, SceneError
 from geoseg.grid import Grid, snap_grid, tiles_covering, utm_epsg
 from geoseg.model import SHIPPED
@@ -170,10 +170,11 @@ def _is_aligned(scene: Scene, grid: Grid) -> bool:
     return bool(np.isclose(dx, round(dx), atol=1e-6) and np.isclose(dy, round(dy), atol=1e-6))
 
 
-def make_plan(config: RunConfig) -> RunPlan:
+def make_plan(config: RunConfig, use_gpu: bool = False) -> RunPlan:
     """Open every scene, check it against the model card, and lay the grid and tiles.
 
     Reads only scene headers: no pixels. Fails fast with a named error on anything no tile could use.
+    ``use_gpu`` only picks the default batch size (more tiles per forward pass on a GPU).
     """
     if not config.scenes:
         raise ConfigError("no scenes given: pass --scenes FILE [FILE ...]")
@@ -208,8 +209,8 @@ def make_plan(config: RunConfig) -> RunPlan:
     finest = scenes[int(np.argmin(resolutions))]
     anchor = (finest.transform[2], finest.transform[5]) if np.isclose(_native_res(finest, crs_text), res) and \
         parse_crs(finest.crs) == parse_crs(crs_text) else (0.0, 0.0)
-    grid = snap_grid(area.bounds, res, anchor, crs_text, config.tile_size or card.tile_size,
-                     card.halo if config.halo is None else config.halo)
+    grid = snap_grid(area.bounds, res, anchor, crs_text, 1, card.halo if config.halo is None else config.halo)
+    grid = replace(grid, tile_size=config.tile_size or default_tile_size(grid.width, grid.height))
     tiles = tiles_covering(grid, area)
 
     warnings = []
@@ -232,7 +233,7 @@ def make_plan(config: RunConfig) -> RunPlan:
         grid=grid,
         tiles=tiles,
         region_wkt=config.region_wkt,
-        batch_size=config.batch_size or default_batch_size(use_gpu=False),  # runtime.run sizes it for the cluster
+        batch_size=config.batch_size or default_batch_size(use_gpu, grid.input_size),
         vectorise=config.vectorise,
         warnings=tuple(warnings),
     )

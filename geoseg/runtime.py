@@ -5,12 +5,13 @@ driver-managed pool of Ray Core actors is used rather than Ray Data: the tiles a
 and only ids need to move, and the design notes measured a Ray Core actor pool at 0.5-1.5 ms per
 tile on a 2-core machine against 7-10 ms for Ray Data's actor pools.
 
-Tile readers are Ray tasks; each finished tile is queued for the inference actors, so reading and
-inference overlap. Each actor works on ``prefetch`` batches at once (reading, predicting, writing)
-and has one more queued, so it never waits for the driver. A tile
-whose task fails is retried up to ``max_attempts`` times, then recorded as failed with its error;
-an actor that dies is replaced and its batch is redone. The outputs (mosaic, polygons, report)
-are always written for the tiles that finished.
+Tile readers are Ray tasks, each reading a run of neighbouring tiles; the tiles they finish are queued
+for the inference actors, so reading and inference overlap. Each actor works on ``prefetch`` calls at
+once (reading, predicting, writing) and has one more queued, so it never waits for the driver. Actors
+and readers are sized to fit one node (``cluster.py``). A tile whose task fails is retried up to
+``max_attempts`` times, then recorded as failed with its error; an actor that dies is replaced once
+and its calls are redone. The outputs (mosaic, polygons, report) are always written for the tiles
+that finished.
 """
 
 from __future__ import annotations
@@ -23,24 +24,25 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from shapely import wkt as shapely_wkt
 
 from geoseg import storage, store
-from geoseg.config import ExecutionSettings, RunConfig, default_batch_size
-from geoseg.errors import ConfigError, PlanMismatchError
+from geoseg.cluster import ActorShape, alive_nodes, cpu_actors, gpu_actors, uses_gpu
+from geoseg.config import ExecutionSettings, RunConfig
+from geoseg.errors import PlanMismatchError
 from geoseg.infer import Predictor
-from geoseg.ledger import Failure, Ledger, load_ledger, save_ledger
+from geoseg.ledger import Failure, Ledger, flush_ledger, load_ledger, save_ledger
 from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import load_card
 from geoseg.mosaic import CLASSES_TIF, CONFIDENCE_TIF, mosaic
 from geoseg.plan import RunPlan, load_plan, make_plan, region_in, save_plan
-from geoseg.tile import GDAL_CACHE_MB, TileJob, run_tile
+from geoseg.tile import GDAL_CACHE_MB, TileJob, run_tiles
 from geoseg.vectorise import vectorise
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ EXIT_TILES_FAILED = 3
 REPORT_FILE = "report.json"
 GPKG_FILE = "landcover.gpkg"
 LEDGER_FLUSH_S = 2.0
+RUN_PX = 4 * 1024**2  # core pixels per reader task: 4 tiles of 1024 px, 64 of 256 px
+REFRESH_S = 5.0  # how often a CPU pool looks for nodes that joined
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,8 @@ class RunResult:
 def run(config: RunConfig, execution: ExecutionSettings, overwrite: bool = False) -> RunResult:
     """Plan (or reuse the identical plan already in RUN_DIR) and execute a run."""
     t0 = time.perf_counter()
-    if config.batch_size is None:
-        connect(execution.ray_address)
-        config = replace(config, batch_size=batch_size_for(execution))
-    plan = make_plan(config)
+    connect(execution.ray_address)
+    plan = make_plan(config, use_gpu=uses_gpu(execution))
     existing = _existing_plan(config.out)
     if existing is not None and not overwrite:
         if not existing.same_work(plan):
@@ -126,19 +128,6 @@ def connect(address: str | None) -> None:
         ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
     else:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-
-
-def uses_gpu(execution: ExecutionSettings) -> bool:
-    """Whether inference runs on GPUs: as asked, else when the connected cluster has any."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if execution.use_gpu and gpus == 0:
-        raise ConfigError("use_gpu is set but the Ray cluster has no GPUs: drop it or add GPU workers")
-    return gpus > 0 if execution.use_gpu is None else execution.use_gpu
-
-
-def batch_size_for(execution: ExecutionSettings) -> int:
-    """The default batch for the inference device the connected cluster will use."""
-    return default_batch_size(uses_gpu(execution))
 
 
 def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: float = 0.0) -> RunResult:
@@ -214,50 +203,77 @@ def _region_in_grid(plan: RunPlan) -> str | None:
     return region_in(shapely_wkt.loads(plan.region_wkt), plan.grid.crs).wkt
 
 
+@dataclass
+class _Actor:
+    """One inference actor of the pool: its shape, its handle and its calls in flight."""
+
+    key: int
+    shape: ActorShape
+    handle: Any
+    in_flight: int = 0
+
+
 class _Dispatcher:
-    """Feeds tiles through readers and actors, keeping both busy and the ledger current."""
+    """Feeds runs of neighbouring tiles through reader tasks and actors, keeping both busy and the ledger current.
+
+    Per run of tiles the driver handles one reader task and one actor call, so its own cost per tile falls
+    with the run length. CPU actors follow the nodes: a node that joins (an autoscaler started it) gets one.
+    """
 
     def __init__(self, run_dir: str, plan: RunPlan, card: ModelCard, ledger: Ledger,
                  execution: ExecutionSettings) -> None:
         self.run_dir, self.plan, self.ledger, self.ex = run_dir, plan, ledger, execution
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
         self.use_gpu = uses_gpu(execution)
-        n_actors = execution.actors or (gpus if self.use_gpu else 1)
-        cpus = float(resources.get("CPU", 1))
-        actor_cpus = execution.actor_cpus or (1.0 if self.use_gpu else max(1.0, cpus / n_actors - 2 * execution.tile_cpus))
-        if n_actors * actor_cpus + execution.tile_cpus > cpus:
-            raise ConfigError(f"{n_actors} inference actor(s) of {actor_cpus:g} CPUs leave no room for a tile reader of "
-                              f"{execution.tile_cpus:g} CPUs on a cluster of {cpus:g} CPUs: lower actors or actor_cpus")
-        self.threads = max(1, int(actor_cpus))
-        # one tile task in flight per spare CPU: more only adds worker processes, which Ray kills when idle
-        # beyond one per CPU and restarts later (seen as 64 workers for 16 CPUs on a GPU node)
-        spare = max(cpus - n_actors * actor_cpus, 1.0) / n_actors
-        self.readers = execution.readers_per_actor or (max(1, int(spare)) if self.use_gpu else 1)
-        runtime_env = {"env_vars": storage.forwarded_env()}
-        self.actor_options = {"num_cpus": actor_cpus, "num_gpus": 1 if self.use_gpu else 0, "max_restarts": 0,
-                              "max_concurrency": execution.prefetch,
-                              "runtime_env": {"env_vars": {**runtime_env["env_vars"],
-                                                           "OMP_NUM_THREADS": str(self.threads)}}}
+        batches = -(-plan.tile_count // plan.batch_size)
+        shapes = gpu_actors(execution, batches) if self.use_gpu else cpu_actors(execution, alive_nodes())
+        env = storage.forwarded_env()
         self.tiles_ref = ray.put(plan.tiles)
         self.job_ref = ray.put(TileJob(run_dir, plan.run_id, uuid.uuid4().hex, plan.grid, plan.scenes,
                                        _region_in_grid(plan), card.input_dtype, len(card.bands)))
-        self.tile_remote = ray.remote(run_tile).options(
+        self.tile_remote = ray.remote(run_tiles).options(
             num_cpus=execution.tile_cpus, max_retries=0,
-            runtime_env={"env_vars": {**runtime_env["env_vars"], "GDAL_CACHEMAX": str(GDAL_CACHE_MB)}})
+            runtime_env={"env_vars": {**env, "GDAL_CACHEMAX": str(GDAL_CACHE_MB)}})
         self.actor_class = ray.remote(Predictor)
-        self.actors = [self._new_actor() for _ in range(n_actors)]
-        self.settings = {"actors": n_actors, "actor_cpus": actor_cpus, "threads": self.threads,
-                         "use_gpu": self.use_gpu, "batch_size": plan.batch_size, "prefetch": execution.prefetch,
-                         "tile_cpus": execution.tile_cpus, "readers_per_actor": self.readers}
+        self.actors: dict[int, _Actor] = {}
+        self.started = 0
+        for shape in shapes:
+            self._start(shape)
+        self.last_refresh = time.monotonic()
+        self.run_len = max(1, RUN_PX // plan.grid.tile_size**2)
+        self.call_tiles = plan.batch_size * max(1, self.run_len // plan.batch_size)
+        first = shapes[0] if shapes else None
+        self.settings: dict[str, Any] = {
+            "actors": len(shapes), "actor_cpus": first.num_cpus if first else None,
+            "threads": first.threads if first else None, "use_gpu": self.use_gpu,
+            "device": first.device if first else None, "batch_size": plan.batch_size, "prefetch": execution.prefetch,
+            "tile_cpus": execution.tile_cpus, "readers_per_actor": first.readers if first else None,
+            "tiles_per_read": self.run_len, "tiles_per_call": self.call_tiles}
+        self.nodes: dict[str, set[str]] = {"tile": set(), "infer": set()}
         self.replacements = 0
         self.attempts: dict[int, int] = {}
         self.progress = _Progress(plan.tile_count, execution.progress)
 
-    def _new_actor(self) -> Any:
-        return self.actor_class.options(**self.actor_options).remote(
-            self.plan.model, self.run_dir, self.plan.grid, self.tiles_ref, self.plan.batch_size,
-            "cuda" if self.use_gpu else "cpu", self.threads)
+    def _start(self, shape: ActorShape) -> None:
+        env = {**storage.forwarded_env(), "OMP_NUM_THREADS": str(shape.threads)}
+        options: dict[str, Any] = {"num_cpus": shape.num_cpus, "num_gpus": shape.num_gpus, "max_restarts": 0,
+                                   "max_concurrency": self.ex.prefetch, "runtime_env": {"env_vars": env}}
+        if shape.node_id is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(shape.node_id, soft=True)
+        handle = self.actor_class.options(**options).remote(
+            self.plan.model, self.run_dir, self.plan.grid, self.tiles_ref, self.plan.batch_size, shape.device,
+            shape.threads)
+        self.actors[self.started] = _Actor(self.started, shape, handle)
+        self.started += 1
+
+    def _refresh(self) -> None:
+        """Give every node that joined since the start (and offers CPUs) its CPU actor, every few seconds."""
+        if self.use_gpu or self.ex.actors or time.monotonic() - self.last_refresh < REFRESH_S:
+            return
+        self.last_refresh = time.monotonic()
+        served = {a.shape.node_id for a in self.actors.values()}
+        for shape in cpu_actors(self.ex, [n for n in alive_nodes() if n.node_id not in served]):
+            log.info("node %s joined: starting an inference actor of %g CPUs on it", shape.node_id, shape.num_cpus)
+            self._start(shape)
 
     def _failed_attempt(self, tile_id: int, stage: str, error: str, retry: deque[int]) -> None:
         self.attempts[tile_id] = self.attempts.get(tile_id, 0) + 1
@@ -269,67 +285,103 @@ class _Dispatcher:
 
     def run(self, todo: list[int]) -> None:
         """Process ``todo`` tile ids until each is done or failed for good."""
-        batch = self.plan.batch_size
-        to_read: deque[int] = deque(todo)
+        runs = _runs(todo, self.run_len)
+        retry_read: deque[int] = deque()
         to_infer: deque[int] = deque()
-        reading: dict[Any, int] = {}
-        inferring: dict[Any, tuple[int, list[int]]] = {}
-        per_actor = [0] * len(self.actors)
-        max_reading = self.readers * len(self.actors)
-        max_ready = 4 * batch * len(self.actors)
+        reading: dict[Any, list[int]] = {}
+        inferring: dict[Any, tuple[_Actor, list[int]]] = {}
         last_flush = time.monotonic()
         tiles = self.plan.tiles
-        while to_read or to_infer or reading or inferring:
-            while to_read and len(reading) < max_reading and len(to_infer) < max_ready:
-                i = to_read.popleft()
-                reading[self.tile_remote.remote(self.job_ref, i, int(tiles[i, 0]), int(tiles[i, 1]))] = i
-            last_tiles = not to_read and not reading
-            for a in range(len(self.actors)):
-                while per_actor[a] <= self.ex.prefetch and (len(to_infer) >= batch or (to_infer and last_tiles)):
-                    ids = [to_infer.popleft() for _ in range(min(batch, len(to_infer)))]
-                    inferring[self.actors[a].__call__.remote(ids)] = (a, ids)
-                    per_actor[a] += 1
-            ready, _ = ray.wait([*reading, *inferring], num_returns=1, timeout=1.0)
+        while runs or retry_read or to_infer or reading or inferring:
+            self._refresh()
+            runs.extend([retry_read.popleft()] for _ in range(len(retry_read)))
+            max_reading = max(1, sum(a.shape.readers for a in self.actors.values()))
+            max_ready = 2 * self.call_tiles * max(1, len(self.actors))
+            while runs and len(reading) < max_reading and len(to_infer) < max_ready:
+                ids = runs.popleft()
+                reading[self.tile_remote.remote(self.job_ref, [(i, int(tiles[i, 0]), int(tiles[i, 1])) for i in ids])] = ids
+            last_tiles = not runs and not reading
+            for actor in self.actors.values():
+                # a full call, or whatever is ready for an idle actor (or at the end): calls grow while it is busy
+                while actor.in_flight <= self.ex.prefetch and (len(to_infer) >= self.call_tiles or (
+                        to_infer and (last_tiles or actor.in_flight == 0))):
+                    ids = [to_infer.popleft() for _ in range(min(self.call_tiles, len(to_infer)))]
+                    inferring[actor.handle.__call__.remote(ids)] = (actor, ids)
+                    actor.in_flight += 1
+            refs = [*reading, *inferring]
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            if ready:
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             for ref in ready:
                 if ref in reading:
-                    i = reading.pop(ref)
-                    try:
-                        _, err = ray.get(ref)
-                    except RayError as exc:
-                        err = _short(exc)
-                    if err is None:
-                        to_infer.append(i)
-                    else:
-                        self._failed_attempt(i, "tile", err, to_read)
+                    self._read_done(ref, reading.pop(ref), to_infer, retry_read)
                 else:
-                    a, ids = inferring.pop(ref)
-                    per_actor[a] -= 1
-                    try:
-                        results = ray.get(ref)
-                    except RayActorError as exc:
-                        self._replace_actor(a, exc)
-                        for i in ids:
-                            self._failed_attempt(i, "infer", f"inference actor died: {_short(exc)}", to_infer)
-                        continue
-                    for i, err in results:
-                        if err is None:
-                            self.ledger.mark_done(i)
-                        else:
-                            self._failed_attempt(i, "infer", err, to_infer)
+                    actor, ids = inferring.pop(ref)
+                    self._infer_done(ref, actor, ids, to_infer)
             self.progress.show(len(self.ledger.done), len(self.ledger.failed))
             if time.monotonic() - last_flush > LEDGER_FLUSH_S:
-                save_ledger(self.run_dir, self.ledger)
+                flush_ledger(self.run_dir, self.ledger)
                 last_flush = time.monotonic()
         self.progress.close(len(self.ledger.done), len(self.ledger.failed))
-        for actor in self.actors:
-            ray.kill(actor)
+        self.settings["nodes"] = {role: sorted(ids) for role, ids in self.nodes.items()}
+        self.settings["actors"] = len(self.actors)
+        for actor in self.actors.values():
+            ray.kill(actor.handle)
 
-    def _replace_actor(self, a: int, exc: Exception) -> None:
+    def _read_done(self, ref: Any, ids: list[int], to_infer: deque[int], retry: deque[int]) -> None:
+        try:
+            node, results = ray.get(ref)
+        except RayError as exc:  # the task's worker or node died: every tile of the run gets another try
+            results, node = [(i, _short(exc)) for i in ids], None
+        if node:
+            self.nodes["tile"].add(node)
+        for i, err in results:
+            if err is None:
+                to_infer.append(i)
+            else:
+                self._failed_attempt(i, "tile", err, retry)
+
+    def _infer_done(self, ref: Any, actor: _Actor, ids: list[int], to_infer: deque[int]) -> None:
+        actor.in_flight -= 1
+        try:
+            node, results = ray.get(ref)
+        except RayActorError as exc:
+            self._replace(actor, exc)
+            for i in ids:
+                self._failed_attempt(i, "infer", f"inference actor died: {_short(exc)}", to_infer)
+            return
+        self.nodes["infer"].add(node)
+        for i, err in results:
+            if err is None:
+                self.ledger.mark_done(i)
+            else:
+                self._failed_attempt(i, "infer", err, to_infer)
+
+    def _replace(self, actor: _Actor, exc: Exception) -> None:
+        """Replace a dead actor once (its other calls in flight fail too and must not replace it again);
+        a CPU actor whose node left is not replaced (the node's readers left with it)."""
+        if self.actors.get(actor.key) is not actor:
+            return
+        del self.actors[actor.key]
+        if actor.shape.node_id is not None and actor.shape.node_id not in {n.node_id for n in alive_nodes()}:
+            log.warning("node %s left with inference actor %d", actor.shape.node_id, actor.key)
+            return
         self.replacements += 1
-        if self.replacements > 3 * len(self.actors) + 3:
+        if self.replacements > 3 * self.settings["actors"] + 3:
             raise RuntimeError(f"inference actors keep dying ({self.replacements} replaced); last error: {exc}") from exc
-        log.warning("inference actor %d died (%s); starting a replacement", a, type(exc).__name__)
-        self.actors[a] = self._new_actor()
+        log.warning("inference actor %d died (%s); starting a replacement", actor.key, type(exc).__name__)
+        self._start(actor.shape)
+
+
+def _runs(todo: list[int], run_len: int) -> deque[list[int]]:
+    """Consecutive tile ids (row-major neighbours) in runs growing 1, 2, 4 ... to ``run_len``: the first
+    tiles reach the actors at once, the rest in runs long enough to make the driver's cost per tile small."""
+    runs: deque[list[int]] = deque()
+    k, n = 0, 1
+    while k < len(todo):
+        runs.append(todo[k:k + n])
+        k, n = k + n, min(2 * n, run_len)
+    return runs
 
 
 def _short(exc: Exception) -> str:

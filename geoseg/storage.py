@@ -94,6 +94,15 @@ def put_file(local: str | Path, url: str) -> None:
     shutil.move(str(local), url)
 
 
+def list_files(url: str) -> list[str]:
+    """The files directly in folder ``url``, sorted by name (none when it does not exist)."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    names = sorted(str(p) for p in fs.ls(path, detail=False))
+    return [join(url, n.rsplit("/", 1)[-1]) for n in names]
+
+
 def remove(url: str) -> None:
     """Remove a file or folder tree if it exists."""
     fs, path = filesystem(url)

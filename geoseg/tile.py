@@ -14,6 +14,7 @@ import numpy as np
 from rasterio.features import geometry_mask
 from shapely import wkt as shapely_wkt
 
+from geoseg.cluster import this_node
 from geoseg.grid import Grid
 from geoseg.plan import SceneUse, touches
 from geoseg.scenes import SceneReader
@@ -82,10 +83,16 @@ def _stores(run_dir: str, run_id: str) -> Stores:
     return Stores(run_dir)
 
 
-def run_tile(job: TileJob, tile_id: int, row: int, col: int) -> tuple[int, str | None]:
-    """Task body: make one tile, reporting (id, error) instead of raising so the driver records it."""
-    try:
-        make_tile(job, _stores(job.run_dir, job.run_id), tile_id, row, col)
-        return tile_id, None
-    except Exception as exc:  # any failure is this tile's, recorded in the ledger
-        return tile_id, f"{type(exc).__name__}: {exc}"
+def run_tiles(job: TileJob, tiles: list[tuple[int, int, int]]) -> tuple[str, list[tuple[int, str | None]]]:
+    """Task body for a run of neighbouring (id, row, col) tiles: the scene blocks they share decode once, and
+    the driver handles one task per run. Returns this node's id and (id, error) per tile instead of raising,
+    so one bad tile is recorded alone and its neighbours go on."""
+    stores = _stores(job.run_dir, job.run_id)
+    results: list[tuple[int, str | None]] = []
+    for tile_id, row, col in tiles:
+        try:
+            make_tile(job, stores, tile_id, row, col)
+            results.append((tile_id, None))
+        except Exception as exc:  # any failure is this tile's, recorded in the ledger
+            results.append((tile_id, f"{type(exc).__name__}: {exc}"))
+    return this_node(), results

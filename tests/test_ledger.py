@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from geoseg.ledger import Failure, load_ledger, save_ledger
+from geoseg.ledger import JOURNAL_DIR, LEDGER_FILE, Failure, flush_ledger, load_ledger, save_ledger
 
 
 def test_ledger_round_trip_and_rerun_selection(tmp_path: Path) -> None:
@@ -21,3 +22,26 @@ def test_ledger_round_trip_and_rerun_selection(tmp_path: Path) -> None:
     assert again.failed == {4: Failure("tile", "SceneReadError: truncated", 2)}
     assert again.not_done() == [1, 2, 4]
     assert again.pending_count() == 2
+
+
+def test_periodic_saves_write_only_the_tiles_changed_and_load_replays_them(tmp_path: Path) -> None:
+    run_dir = str(tmp_path)
+    ledger = load_ledger(run_dir, 1000)
+    for i in range(600):
+        ledger.mark_done(i)
+    flush_ledger(run_dir, ledger)
+    ledger.mark_done(600)
+    ledger.mark_failed(601, Failure("tile", "boom", 2))
+    flush_ledger(run_dir, ledger)
+    flush_ledger(run_dir, ledger)  # nothing changed: nothing written
+    parts = sorted((tmp_path / JOURNAL_DIR).iterdir())
+    assert len(parts) == 2 and not (tmp_path / LEDGER_FILE).exists()
+    assert json.loads(parts[1].read_text()) == {"done": [600], "failed": {"601": vars(Failure("tile", "boom", 2))}}
+    again = load_ledger(run_dir, 1000)  # as after a crash: the journal alone
+    assert again.done == set(range(601)) and again.failed == {601: Failure("tile", "boom", 2)}
+    again.mark_done(601)
+    flush_ledger(run_dir, again)  # continues the journal's numbering
+    assert load_ledger(run_dir, 1000).done == set(range(602))
+    save_ledger(run_dir, again)  # the end of a run folds the journal into ledger.json
+    assert not (tmp_path / JOURNAL_DIR).exists()
+    assert load_ledger(run_dir, 1000) == again

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import geopandas as gpd
@@ -31,11 +32,12 @@ from shapely import union_all
 
 from geoseg import runtime
 from geoseg.cli import main
-from geoseg.config import CPU_BATCH, GPU_BATCH, ExecutionSettings, RunConfig
+from geoseg.cluster import uses_gpu
+from geoseg.config import CPU_BATCH_PX, GPU_BATCH_PX, ExecutionSettings, RunConfig
 from geoseg.errors import PlanMismatchError
 from geoseg.model.checkpoint import load_card
 from geoseg.mosaic import mosaic
-from geoseg.plan import load_plan
+from geoseg.plan import load_plan, make_plan
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -195,13 +197,14 @@ def test_settings_the_cluster_cannot_hold_are_named_errors_and_rerun_recovers(
     assert read_classes(out).max() > 0
 
 
-def test_default_batch_fills_a_gpu_when_the_cluster_has_one() -> None:
-    """Without --batch-size a run takes 4 tiles per forward pass on CPU actors and 64 on GPU actors. A
-    separate local Ray that declares one GPU (Ray's own resource accounting; no GPU is used)."""
+def test_default_batch_fills_a_gpu_when_the_cluster_has_one(data_dir: Path) -> None:
+    """Without --batch-size a plan for GPU actors takes ~9.4 Mpx of input per forward pass, for CPU actors ~0.6
+    Mpx; a cluster with a GPU is used by default. A separate local Ray that declares one GPU (Ray's own
+    resource accounting; no GPU is used)."""
     root = Path(tempfile.mkdtemp(prefix="gs-gpu-", dir="/tmp"))  # Ray's socket paths must stay short
-    code = ("import ray; from geoseg import runtime; from geoseg.config import ExecutionSettings as E; "
+    code = ("import ray; from geoseg.cluster import uses_gpu; from geoseg.config import ExecutionSettings as E; "
             f"ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, _temp_dir={str(root / 'r')!r}); "
-            "print(runtime.batch_size_for(E()), runtime.batch_size_for(E(use_gpu=False)))")
+            "print(uses_gpu(E()), uses_gpu(E(use_gpu=False)))")
     env = {**os.environ, "HOME": str(root), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     try:
@@ -209,8 +212,12 @@ def test_default_batch_fills_a_gpu_when_the_cluster_has_one() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-2:] == [str(GPU_BATCH), str(CPU_BATCH)]
-    assert runtime.batch_size_for(ExecutionSettings()) == CPU_BATCH  # this session's Ray has no GPU
+    assert done.stdout.split()[-2:] == ["True", "False"]
+    assert not uses_gpu(ExecutionSettings())  # this session's Ray has no GPU
+    config = RunConfig(scenes=(str(s2_path(data_dir)),), out="unused", tile_size=256)
+    assert make_plan(config, use_gpu=True).batch_size == GPU_BATCH_PX // 384**2 == 64
+    assert make_plan(config, use_gpu=False).batch_size == CPU_BATCH_PX // 384**2 == 4
+    assert make_plan(replace(config, tile_size=None), use_gpu=False).batch_size == 1  # one 416 + 2 x 64 px tile
 
 
 # --- failures and reruns: 64 px tiles so the 401 px scene makes 49 tiles -------------------------------

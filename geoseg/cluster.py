@@ -1,0 +1,97 @@
+"""What the Ray cluster has and can have, and inference actors sized to fit it.
+
+Every resource request fits on one node: a CPU actor is sized from the node it is meant for, never from
+the cluster's total. Whether inference runs on GPUs comes from the user, or from what the cluster can
+have (its autoscaler's node types), not from what happens to be up in the first second: on an
+autoscaling cluster the job's pending GPU actors and reader tasks are the demand that starts nodes.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import ray
+
+from geoseg.config import GPU_READERS, ExecutionSettings
+from geoseg.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Node:
+    """An alive node and what it offers to tasks."""
+
+    node_id: str
+    cpus: float
+    gpus: float
+
+
+@dataclass(frozen=True)
+class ActorShape:
+    """One inference actor's Ray resources, torch threads, device and the reader tasks it gets in flight."""
+
+    num_cpus: float
+    num_gpus: int
+    threads: int
+    device: str
+    readers: int
+    node_id: str | None = None  # a CPU actor's node (soft affinity); GPU actors go wherever a GPU is
+
+
+def this_node() -> str:
+    """The id of the node this code runs on ("" outside Ray): which nodes did the work goes in the report."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def alive_nodes() -> list[Node]:
+    """Nodes up now, with the CPUs and GPUs they offer to tasks."""
+    return [Node(n["NodeID"], float(n["Resources"].get("CPU", 0.0)), float(n["Resources"].get("GPU", 0.0)))
+            for n in ray.nodes() if n["Alive"]]
+
+
+def max_gpus() -> int:
+    """GPUs the cluster has now, or more where its autoscaler may start GPU nodes."""
+    now = int(ray.cluster_resources().get("GPU", 0))
+    try:  # the autoscaler's node types, read as Ray Train and Ray Data read them
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # no autoscaler (or a Ray without this record): what is up is all there is
+        limits = {}
+    return max(now, int(min(limits.get("GPU", 0), sys.maxsize)))
+
+
+def uses_gpu(execution: ExecutionSettings) -> bool:
+    """Whether inference runs on GPU actors: as asked, else when the cluster has or can have GPUs."""
+    gpus = max_gpus()
+    if execution.use_gpu and gpus == 0:
+        raise ConfigError("--gpu is set but the Ray cluster has no GPUs and its autoscaler can start none: "
+                          "drop --gpu or add GPU worker types to the cluster")
+    return gpus > 0 if execution.use_gpu is None else execution.use_gpu
+
+
+def gpu_actors(execution: ExecutionSettings, batches: int) -> list[ActorShape]:
+    """One actor per GPU the cluster has or can have (no more than there are batches), one CPU each."""
+    n = execution.actors or max(1, min(max_gpus(), batches))
+    cpus = execution.actor_cpus or 1.0
+    readers = execution.readers_per_actor or GPU_READERS
+    return [ActorShape(cpus, 1, max(1, round(cpus)), execution.device or "cuda", readers) for _ in range(n)]
+
+
+def cpu_actors(execution: ExecutionSettings, nodes: list[Node]) -> list[ActorShape]:
+    """CPU actors for the nodes offering CPUs: by default one per node, taking its CPUs less the readers' share.
+
+    Each node keeps room for its readers (``tile_cpus`` each), so reading never waits on inference."""
+    shapes = []
+    nodes = [n for n in nodes if n.cpus > 0]
+    per_node = -(-execution.actors // max(1, len(nodes))) if execution.actors else 1
+    for node in nodes:
+        readers = execution.readers_per_actor or max(1, int(node.cpus // 8))
+        room = node.cpus - readers * execution.tile_cpus
+        cpus = execution.actor_cpus or (1.0 if execution.actors else room)
+        if per_node * cpus > room or cpus <= 0:
+            raise ConfigError(f"{per_node} inference actor(s) of {cpus:g} CPUs leave no room for a tile reader of "
+                              f"{execution.tile_cpus:g} CPUs on a node of {node.cpus:g} CPUs: lower --actors or actor_cpus")
+        shapes += [ActorShape(cpus, 0, max(1, round(cpus)), execution.device or "cpu", readers, node.node_id)
+                   for _ in range(per_node)]
+    return shapes[:execution.actors] if execution.actors else shapes
