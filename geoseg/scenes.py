@@ -19,6 +19,7 @@ from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
 
 from geoseg import storage
 from geoseg.errors import SceneError, SceneReadError
@@ -133,10 +134,12 @@ class SceneReader:
              ) -> tuple[np.ndarray, np.ndarray]:
         """Read ``bands`` onto a target window of the run's grid: (data[B,H,W], valid[H,W]).
 
-        ``aligned`` (same CRS, same pixel size, pixel edges on the grid's) takes nearest neighbour so the
-        values are the scene's own; otherwise bilinear. Pixels outside the scene or masked (nodata, alpha)
+        ``aligned`` (same CRS, same pixel size, pixel edges on the grid's) reads the scene's own pixels
+        directly; otherwise GDAL's warper resamples them bilinearly. Pixels outside the scene or masked (nodata, alpha)
         are invalid.
         """
+        if aligned:
+            return self._read_aligned(bands, transform, shape)
         height, width = shape
         with self._gdal_errors(), rasterio.Env(**storage.gdal_options()), WarpedVRT(
             self.src,
@@ -144,11 +147,34 @@ class SceneReader:
             transform=transform,
             width=width,
             height=height,
-            resampling=Resampling.nearest if aligned else Resampling.bilinear,
+            resampling=Resampling.bilinear,
             add_alpha=not self.has_mask,
         ) as vrt:
             data = vrt.read(list(bands))
             valid = (vrt.dataset_mask() if self.has_mask else vrt.read(vrt.count)) > 0
+        return data, valid
+
+    def _read_aligned(self, bands: tuple[int, ...], transform: Affine, shape: tuple[int, int]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """The window's part inside the scene read as it is stored (no warper: the pixels are the scene's own);
+        the rest is invalid."""
+        height, width = shape
+        t = self.src.transform
+        row, col = round((transform.f - t.f) / t.e), round((transform.c - t.c) / t.a)
+        r0, r1 = max(row, 0), min(row + height, self.src.height)
+        c0, c1 = max(col, 0), min(col + width, self.src.width)
+        data = np.zeros((len(bands), height, width), self.src.dtypes[0])
+        valid = np.zeros(shape, bool)
+        if r0 >= r1 or c0 >= c1:
+            return data, valid
+        window = Window(c0, r0, c1 - c0, r1 - r0)
+        inside = (slice(r0 - row, r1 - row), slice(c0 - col, c1 - col))
+        with self._gdal_errors(), rasterio.Env(**storage.gdal_options()):
+            if (r1 - r0, c1 - c0) == shape:
+                self.src.read(list(bands), window=window, out=data)
+            else:
+                data[(slice(None), *inside)] = self.src.read(list(bands), window=window)
+            valid[inside] = self.src.dataset_mask(window=window) > 0 if self.has_mask else True
         return data, valid
 
     @contextmanager

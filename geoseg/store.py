@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
 from geoseg import storage
 from geoseg.grid import Grid
 
 TILES = "tiles.zarr"
 PREDICTIONS = "predictions.zarr"
-# scratch written once and read once per tile: LZ4 with byte shuffle encodes a tile in half the CPU time of
-# zarr's default zstd, to the same size on Sentinel-2 tiles (docs/performance.md)
-TILE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+# tiles.zarr is scratch written once and read once per tile: stored raw, it costs the reader and the actor
+# a copy each instead of an LZ4 encode and decode (docs/performance.md)
+TILE_CODEC = None
+# every chunk is written whole: skip zarr's scan for all-fill-value chunks (a pass over each; a runtime setting)
+WHOLE_CHUNKS: dict[str, bool] = {"write_empty_chunks": True}
 
 
 def _open(url: str, mode: str) -> zarr.Group:
@@ -74,10 +75,10 @@ class Stores:
     def __init__(self, run_dir: str) -> None:
         tiles = _open(storage.join(run_dir, TILES), "r+")
         pred = _open(storage.join(run_dir, PREDICTIONS), "r+")
-        self.image = tiles["image"]
-        self.valid = tiles["valid"]
-        self.classes = pred["classes"]
-        self.confidence = pred["confidence"]
+        self.image = tiles["image"].with_config(WHOLE_CHUNKS)
+        self.valid = tiles["valid"].with_config(WHOLE_CHUNKS)
+        self.classes = pred["classes"].with_config(WHOLE_CHUNKS)
+        self.confidence = pred["confidence"].with_config(WHOLE_CHUNKS)
 
     def write_tile(self, tile_id: int, image: np.ndarray, valid: np.ndarray) -> None:
         """Write one tile's haloed input square (its own chunks only)."""
