@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import geopandas as gpd
-import psutil
 import pytest
 
+from _clusters import BIN, free_port, head_command, ray_start, stop_processes_under
+
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop_processes_under(root: Path) -> None:
-    """Stop the head's processes by their own pids: those whose command line names its temp dir, and their children."""
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any(str(root) in part for part in (p.info["cmdline"] or [])):
-            procs += [p, *p.children(recursive=True)]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +24,7 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HOME": str(root), "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={root / 'r'}",
-                    # every port a head opens, chosen free: another Ray on this machine must not collide
-                    f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                    f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                    f"--ray-client-server-port={free_port()}",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    ray_start(head_command(root, free_port(), dashboard, 2), env)
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
