@@ -8,13 +8,17 @@ autoscaling cluster the job's pending GPU actors and reader tasks are the demand
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 
 import ray
+from ray.experimental import internal_kv
 
 from geoseg.config import GPU_READERS, ExecutionSettings
 from geoseg.errors import ConfigError
+
+AUTOSCALING_STATUS = "__autoscaling_status"  # where Ray's monitor publishes its report (ray_constants)
 
 
 @dataclass(frozen=True)
@@ -50,28 +54,43 @@ def alive_nodes() -> list[Node]:
 
 
 def max_gpus() -> int:
-    """GPUs the cluster has now, or more where its autoscaler may start GPU nodes."""
+    """GPUs the cluster has now, or more where its autoscaler's configuration names GPU node types."""
     now = int(ray.cluster_resources().get("GPU", 0))
-    try:  # the autoscaler's node types, read as Ray Train and Ray Data read them
+    try:  # the autoscaler's node types, read as Ray Train and Ray Data read them (not written by every Ray)
         from ray._private.state import state
 
         limits = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # no autoscaler (or a Ray without this record): what is up is all there is
+    except Exception:  # no autoscaler, or a Ray without this record: what is up is all that is known
         limits = {}
     return max(now, int(min(limits.get("GPU", 0), sys.maxsize)))
 
 
+def autoscales() -> bool:
+    """Whether an autoscaler with node types of its own watches the cluster, so pending demand starts nodes.
+
+    Read from the monitor's status record: a cluster without an autoscaling config is watched through
+    Ray's read-only provider, whose only node types are its nodes (``node_<id>``)."""
+    status = internal_kv._internal_kv_get(AUTOSCALING_STATUS)
+    report = json.loads(status).get("autoscaler_report") or {} if status else {}
+    types = (report.get("node_type_mapping") or {}).values()
+    return any(not t.startswith("node_") for t in types)
+
+
 def uses_gpu(execution: ExecutionSettings) -> bool:
-    """Whether inference runs on GPU actors: as asked, else when the cluster has or can have GPUs."""
-    gpus = max_gpus()
-    if execution.use_gpu and gpus == 0:
-        raise ConfigError("--gpu is set but the Ray cluster has no GPUs and its autoscaler can start none: "
-                          "drop --gpu or add GPU worker types to the cluster")
-    return gpus > 0 if execution.use_gpu is None else execution.use_gpu
+    """Whether inference runs on GPU actors: as asked (on an autoscaling cluster, waiting for GPU nodes),
+    else when the cluster has GPUs or its autoscaler's configuration says it can have them."""
+    if execution.use_gpu is not None:
+        if execution.use_gpu and max_gpus() == 0 and not autoscales():
+            raise ConfigError("--gpu is set but the Ray cluster has no GPUs and no autoscaler to start GPU nodes: "
+                              "drop --gpu or add GPU workers")
+        return execution.use_gpu
+    return max_gpus() > 0
 
 
 def gpu_actors(execution: ExecutionSettings, batches: int) -> list[ActorShape]:
-    """One actor per GPU the cluster has or can have (no more than there are batches), one CPU each."""
+    """One actor per GPU the cluster has or can have (no more than there are batches), one CPU each.
+
+    Actors for GPUs not up yet stay pending: that demand is what makes an autoscaler start GPU nodes."""
     n = execution.actors or max(1, min(max_gpus(), batches))
     cpus = execution.actor_cpus or 1.0
     readers = execution.readers_per_actor or GPU_READERS

@@ -135,9 +135,6 @@ print(json.dumps(ray.get([gpu_user.node.remote(), on_cpu.remote()])))
     assert intruder.returncode != 0 and "InvalidAuthToken" in refusal
 
 
-@pytest.mark.xfail(strict=True, reason="runtime: --gpu is refused while no GPU node is up: geoseg.cluster.max_gpus "
-                                       "reads the autoscaler's node types from Ray's cluster-config record, which "
-                                       "Ray 2.60's autoscaler (v1 or v2) never writes")
 def test_autoscaler_starts_gpu_and_cpu_nodes_for_the_run(single_node_run: Path, data_dir: Path,
                                                          tmp_path: Path) -> None:
     """The run starts on a head alone; its GPU actors and reader tasks are the demand that makes the autoscaler
