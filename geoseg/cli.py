@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a config file")
     p.add_argument("--config", required=True, metavar="CONFIG.toml")
     p.add_argument("--gpus", type=int, default=0, metavar="N", help="train on N GPU workers (bf16) instead of the config's workers")
-    p = sub.add_parser("evaluate", help="compare a run's classes.tif with reference labels")
+    p = sub.add_parser("evaluate", help="compare a run's class raster (classes.tif or .vrt) with reference labels")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--reference", required=True, metavar="LABELS.tif")
     p.add_argument("--ignore", type=int, default=0, help="reference value to ignore (default 0)")
@@ -185,12 +185,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from geoseg import storage
         from geoseg.evaluate import evaluate_rasters, format_table
         from geoseg.model.checkpoint import load_card
-        from geoseg.mosaic import CLASSES_TIF
+        from geoseg.mosaic import class_raster
         from geoseg.plan import load_plan
 
         run_dir = args.run_dir.rstrip("/")
         card = load_card(load_plan(run_dir).model)
-        result = evaluate_rasters(storage.join(run_dir, CLASSES_TIF), args.reference, ignore=args.ignore,
+        result = evaluate_rasters(class_raster(run_dir), args.reference, ignore=args.ignore,
                                   names={c.id: c.name for c in card.classes})
         storage.write_bytes(storage.join(run_dir, "evaluation.json"), json.dumps(result, indent=2).encode())
         print(format_table(result))

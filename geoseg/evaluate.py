@@ -59,7 +59,7 @@ def evaluate_arrays(pred: np.ndarray, ref: np.ndarray, ignore: int | None = 0, n
 
 
 def evaluate_rasters(classes_tif: str | Path, reference_tif: str | Path, ignore: int | None = 0, names: dict[int, str] | None = None) -> dict[str, Any]:
-    """Compare a run's classes.tif with a reference label raster.
+    """Compare a run's class raster (``classes.tif``, or ``classes.vrt`` over a grid of COGs) with a reference label raster.
 
     When the grids differ the reference is reprojected onto the class map's grid with nearest neighbour
     (labels are categories, never averaged); pixels the reference does not cover are left out.
@@ -87,7 +87,7 @@ def evaluate_rasters(classes_tif: str | Path, reference_tif: str | Path, ignore:
                     resampling=Resampling.nearest,
                 )
     except RasterioIOError as exc:
-        raise SceneReadError(f"cannot read {exc}: pass a run's classes.tif and a label GeoTIFF") from exc
+        raise SceneReadError(f"cannot read {exc}: pass a run's classes.tif or classes.vrt and a label GeoTIFF") from exc
     valid = np.isfinite(ref)
     ref_ids = np.where(valid, np.rint(np.nan_to_num(ref)), -1).astype(np.int64)
     result = evaluate_arrays(pred, ref_ids, ignore, names)

@@ -40,7 +40,7 @@ from geoseg.infer import Predictor
 from geoseg.ledger import Failure, Ledger, flush_ledger, load_ledger, save_ledger
 from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import load_card
-from geoseg.mosaic import CLASSES_TIF, CONFIDENCE_TIF, mosaic
+from geoseg.mosaic import MosaicResult, mosaic
 from geoseg.plan import RunPlan, load_plan, make_plan, region_in, save_plan
 from geoseg.tile import GDAL_CACHE_MB, TileJob, run_tiles
 from geoseg.vectorise import vectorise
@@ -152,11 +152,11 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
 
     t0 = time.perf_counter()
     tags = {"GEOSEG_RUN_ID": plan.run_id, "GEOSEG_MODEL": f"{plan.model_name} {plan.model_version}"}
-    pixels = mosaic(run_dir, plan.grid, card, tags)
+    rasters = mosaic(run_dir, plan.grid, card, tags)
     t_mosaic = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    areas = _vectorise(run_dir, plan, card)
+    areas = _vectorise(run_dir, plan, card, rasters)
     t_vector = time.perf_counter() - t0
 
     names = {c.id: c.name for c in card.classes}
@@ -169,27 +169,27 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
         "tiles_processed": len(todo),
         "failed_tiles": _failed_list(plan, ledger),
         "class_area_m2": areas,
-        "class_pixel_area_m2": {names[k]: plan.grid.area_m2(v) for k, v in sorted(pixels.items())},
+        "class_pixel_area_m2": {names[k]: plan.grid.area_m2(v) for k, v in sorted(rasters.counts.items())},
         "stage_s": {"plan": round(plan_s, 3), "tile_and_infer": round(t_tiles, 3), "mosaic": round(t_mosaic, 3),
                     "vectorise": round(t_vector, 3), "total": round(plan_s + time.perf_counter() - t_start, 3)},
         "tiles_per_s": round(len(todo) / t_tiles, 3) if todo and t_tiles > 0 else None,
         "execution": settings,
         "warnings": list(plan.warnings),
-        "outputs": {"classes": CLASSES_TIF, "confidence": CONFIDENCE_TIF, "polygons": GPKG_FILE,
+        "outputs": {"classes": rasters.classes, "confidence": rasters.confidence, "polygons": GPKG_FILE,
                     "tiles_store": store.TILES, "predictions_store": store.PREDICTIONS},
     }
     storage.write_bytes(storage.join(run_dir, REPORT_FILE), json.dumps(report, indent=2).encode())
     return RunResult(report, EXIT_OK if not ledger.failed else EXIT_TILES_FAILED)
 
 
-def _vectorise(run_dir: str, plan: RunPlan, card: ModelCard) -> dict[str, float]:
-    """Polygonise classes.tif into landcover.gpkg (built locally, then published whole)."""
+def _vectorise(run_dir: str, plan: RunPlan, card: ModelCard, rasters: MosaicResult) -> dict[str, float]:
+    """Polygonise the class raster (classes.tif or classes.vrt) into landcover.gpkg (built locally, then published whole)."""
     v = plan.vectorise
     with tempfile.TemporaryDirectory(prefix="geoseg-gpkg-") as tmp:
         local = os.path.join(tmp, GPKG_FILE)
         areas = vectorise(
-            storage.join(run_dir, CLASSES_TIF), local, {c.id: c.name for c in card.classes},
-            confidence_path=storage.join(run_dir, CONFIDENCE_TIF), block_size=v.block_size,
+            storage.join(run_dir, rasters.classes), local, {c.id: c.name for c in card.classes},
+            confidence_path=storage.join(run_dir, rasters.confidence), block_size=v.block_size,
             connectivity=v.connectivity, min_area_m2=v.min_area_m2, simplify_m=v.simplify_m,
             metadata={"run_id": plan.run_id, "model_name": plan.model_name, "model_version": plan.model_version},
         )

@@ -18,6 +18,9 @@ import rasterio
 
 from geoseg import storage
 from geoseg.cli import main
+from geoseg.model.checkpoint import load_card
+from geoseg.mosaic import mosaic
+from geoseg.plan import load_plan
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -84,3 +87,10 @@ def test_run_on_object_store(s3: str, data_dir: Path, monkeypatch: pytest.Monkey
     assert gdf.area.sum() == pytest.approx((classes > 0).sum() * pixel, rel=1e-9)
     with rasterio.open(local_scene) as src:
         assert np.array_equal(classes > 0, src.read(4) > 0)
+
+    # forced into a grid of COGs: the cells are uploaded and the VRT finds them relative to itself
+    plan = load_plan(run_dir)
+    gridded = mosaic(run_dir, plan.grid, load_card(plan.model), {}, grid_above=0, cell=512)
+    assert storage.exists(f"{run_dir}/classes/0_0.tif") and storage.exists(f"{run_dir}/confidence/0_0.tif")
+    with rasterio.Env(**storage.gdal_options()), rasterio.open(f"{run_dir}/{gridded.classes}") as src:
+        assert src.driver == "VRT" and np.array_equal(src.read(1), classes)
