@@ -198,8 +198,8 @@ def child_geoseg(p: dict[str, Any]) -> dict[str, Any]:
         env["env_vars"]["PYTHONPATH"] = os.pathsep.join(filter(None, (here, os.environ.get("PYTHONPATH"))))
         env["worker_process_setup_hook"] = "_standin.install"
     if local:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=env,
-                 _temp_dir=tempfile.mkdtemp(prefix="gsb-ray-", dir="/tmp"))
+        ray.init(num_cpus=os.cpu_count(), log_to_driver=False, runtime_env=env,
+                 _temp_dir=tempfile.mkdtemp(prefix="gsb-ray-", dir="/tmp"), **runtime.LOCAL_RAY)  # as geoseg starts it
     else:
         ray.init(address=p["ray_address"], log_to_driver=False, runtime_env=env)
     t_ray = time.time()

@@ -42,7 +42,7 @@ from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import load_card
 from geoseg.mosaic import MosaicResult, mosaic
 from geoseg.plan import RunPlan, load_plan, make_plan, region_in, save_plan
-from geoseg.tile import GDAL_CACHE_MB, TileJob, run_tiles
+from geoseg.tile import TileJob, run_tiles
 from geoseg.vectorise import vectorise
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,11 @@ REPORT_FILE = "report.json"
 GPKG_FILE = "landcover.gpkg"
 LEDGER_FLUSH_S = 2.0
 RUN_PX = 4 * 1024**2  # core pixels per reader task: 4 tiles of 1024 px, 64 of 256 px
-REFRESH_S = 5.0  # how often a CPU pool looks for nodes that joined
+REFRESH_S = 5.0
+# a local Ray as geoseg starts it: idle workers live a minute (Ray's default: 1 s beyond one per CPU), so the
+# stages after the tiles find the readers' workers warm instead of starting new ones (1-2 s per stage)
+LOCAL_RAY: dict[str, Any] = {"include_dashboard": False,
+                             "_system_config": {"idle_worker_killing_time_threshold_ms": 60_000}}  # how often a CPU pool looks for nodes that joined
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,7 @@ def connect(address: str | None) -> None:
     runtime_env = {"env_vars": storage.forwarded_env()}
     if address is None and "RAY_ADDRESS" not in os.environ:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+        ray.init(runtime_env=runtime_env, log_to_driver=False, **LOCAL_RAY)
     else:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
 
@@ -226,13 +230,12 @@ class _Dispatcher:
         self.use_gpu = uses_gpu(execution)
         batches = -(-plan.tile_count // plan.batch_size)
         shapes = gpu_actors(execution, batches) if self.use_gpu else cpu_actors(execution, alive_nodes())
-        env = storage.forwarded_env()
         self.tiles_ref = ray.put(plan.tiles)
         self.job_ref = ray.put(TileJob(run_dir, plan.run_id, uuid.uuid4().hex, plan.grid, plan.scenes,
                                        _region_in_grid(plan), card.input_dtype, len(card.bands)))
         self.tile_remote = ray.remote(run_tiles).options(
             num_cpus=execution.tile_cpus, max_retries=0,
-            runtime_env={"env_vars": {**env, "GDAL_CACHEMAX": str(GDAL_CACHE_MB)}})
+            runtime_env={"env_vars": storage.task_env()})
         self.actor_class = ray.remote(Predictor)
         self.actors: dict[int, _Actor] = {}
         self.started = 0

@@ -129,6 +129,15 @@ def gdal_options() -> dict[str, str]:
     }
 
 
+GDAL_CACHE_MB = 128  # the block cache of a CPU task's worker (GDAL's default is 5% of RAM): bounds its memory
+
+
+def task_env() -> dict[str, str]:
+    """The environment of geoseg's CPU tasks (tile readers, mosaic): the store's variables and a bounded GDAL
+    block cache. One environment is one pool of Ray workers, so the mosaic reuses the readers' warm ones."""
+    return {**forwarded_env(), "GDAL_CACHEMAX": str(GDAL_CACHE_MB)}
+
+
 def forwarded_env() -> dict[str, str]:
     """The environment variables that workers need to reach the same store as the driver."""
     return {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_PREFIXES)}

@@ -67,7 +67,6 @@ def make_tile(job: TileJob, stores: Stores, tile_id: int, row: int, col: int) ->
     stores.write_tile(tile_id, image, valid)
 
 
-GDAL_CACHE_MB = 128  # the block cache of a tile worker (GDAL's default is 5% of RAM): bounds its memory
 
 
 @lru_cache(maxsize=8)

@@ -791,7 +791,7 @@ class _Jobs:
             return
         if fn not in self.remotes:
             self.remotes[fn] = self.ray.remote(num_cpus=1, max_retries=2,
-                                               runtime_env={"env_vars": storage.forwarded_env()})(fn)
+                                               runtime_env={"env_vars": storage.task_env()})(fn)
         self.pending.append(self.remotes[fn].options(num_returns=returns).remote(*args))
 
     def fill(self, fn: Callable[[T], object], todo: Iterator[T], returns: int = 1) -> None:
