@@ -554,6 +554,7 @@ def driver_cost(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     ms = driver_cpu_ms_per_tile(geo["stamps"])
     rate = steady_rate([t for t, _ in geo["stamps"]])
     idle_ms_per_s = 1000 * geo["idle_cpu_s"] / DRIVER_IDLE_PROBE_S
+    dispatch = ms - idle_ms_per_s / rate  # what grows with the tiles: Ray's idle background does not
     mpx_per_tile = geo["core_px"] / geo["tiles"] / 1e6
     roles = ({k: v * mpx_per_tile for k, v in steady_cpu(sampler, geo["stamps"], mpx_per_tile).items()}
              if args.ray_address is None else None)
@@ -571,10 +572,13 @@ def driver_cost(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         ("driver idle", f"{idle_ms_per_s:.1f} ms of CPU per second while it waits (Ray's background, "
                         f"{DRIVER_IDLE_PROBE_S:g} s before the run): {idle_ms_per_s / rate:.3f} ms of the figure per "
                         f"tile at this rate"),
-        ("driver tiles/s", f"{1000 / ms:,.0f} tiles/s per driver core; target <= {DRIVER_TARGET_MS} ms per tile "
-                           f"(3,000+ tiles/s): {'met' if ms <= DRIVER_TARGET_MS else 'NOT met'}"),
+        ("dispatch", f"{dispatch:.3f} ms per tile on dispatch and bookkeeping (driver CPU less its idle background)"),
+        ("driver tiles/s", f"{1000 / dispatch:,.0f} tiles/s per driver core on dispatch and bookkeeping "
+                           f"({1000 / ms:,.0f} with the idle background at this rate); target <= {DRIVER_TARGET_MS} ms "
+                           f"per tile (3,000+ tiles/s): {'met' if dispatch <= DRIVER_TARGET_MS else 'NOT met'}"),
     ])
-    return {"driver_tiles_per_s": round(1000 / ms, 1), "driver_cpu_ms_per_tile": round(ms, 4),
+    return {"driver_tiles_per_s": round(1000 / dispatch, 1), "driver_cpu_ms_per_tile": round(ms, 4),
+            "driver_dispatch_ms_per_tile": round(dispatch, 4),
             "driver_run": {"tiles": geo["tiles"], "tile_size": CARD_TILE, "halo": halo, "batch_size": b,
                            "scene_px": size, "tiles_per_s": round(rate, 1), "idle_cpu_ms_per_s": round(idle_ms_per_s, 2),
                            "worker_cpu_ms_per_tile": {k: round(v, 2) for k, v in roles.items()} if roles else None}}

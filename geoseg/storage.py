@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
+import numpy as np
 
 _FORWARDED_PREFIXES = ("AWS_", "GDAL_", "CPL_", "VSI_")
 
@@ -82,6 +83,29 @@ def write_bytes(url: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)
+
+
+def write_chunk(url: str, data: np.ndarray) -> None:
+    """Write an array's bytes as one file, whole or not at all (a rename locally, one PUT on a store); no fsync:
+    a chunk lost in a crash belongs to a tile not yet recorded done, which the rerun rewrites."""
+    if is_remote(url):
+        fs, path = filesystem(url)
+        fs.pipe_file(path, data.tobytes())
+        return
+    target = Path(url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(memoryview(data).cast("B"))
+    os.replace(tmp, target)
+
+
+def read_chunk(url: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+    """An array of ``dtype`` and ``shape`` from a file of its raw bytes (written by :func:`write_chunk`)."""
+    if is_remote(url):
+        fs, path = filesystem(url)
+        return np.frombuffer(fs.cat_file(path), dtype).reshape(shape)
+    return np.fromfile(url, dtype).reshape(shape)
 
 
 def put_file(local: str | Path, url: str) -> None:
