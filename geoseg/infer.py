@@ -74,9 +74,10 @@ class Predictor:
         self.card, self.model = load_model(model, device=device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.class_ids = torch.as_tensor(self.card.class_ids, device=self.device)
-        as_bands = lambda v: torch.tensor(v, dtype=torch.float32, device=self.device)[:, None, None]  # noqa: E731
-        self.scale = torch.tensor(self.card.scale, dtype=torch.float32, device=self.device)
-        self.mean, self.std = as_bands(self.card.mean), as_bands(self.card.std)
+        f32 = {"dtype": torch.float32, "device": self.device}
+        self.scale = torch.tensor(self.card.scale, **f32)
+        self.mean = torch.tensor(self.card.mean, **f32)[:, None, None]  # per band, broadcast over pixels
+        self.std = torch.tensor(self.card.std, **f32)[:, None, None]
         self.bf16 = self.device.type == "cuda"
         self.stores = Stores(run_dir)
         self.grid = grid
