@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -53,11 +53,11 @@ REPORT_FILE = "report.json"
 GPKG_FILE = "landcover.gpkg"
 LEDGER_FLUSH_S = 2.0
 RUN_PX = 4 * 1024**2  # core pixels per reader task: 4 tiles of 1024 px, 64 of 256 px
-REFRESH_S = 5.0
+REFRESH_S = 5.0  # how often a CPU pool looks for nodes that joined
 # a local Ray as geoseg starts it: idle workers live a minute (Ray's default: 1 s beyond one per CPU), so the
 # stages after the tiles find the readers' workers warm instead of starting new ones (1-2 s per stage)
 LOCAL_RAY: dict[str, Any] = {"include_dashboard": False,
-                             "_system_config": {"idle_worker_killing_time_threshold_ms": 60_000}}  # how often a CPU pool looks for nodes that joined
+                             "_system_config": {"idle_worker_killing_time_threshold_ms": 60_000}}
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,9 @@ def run(config: RunConfig, execution: ExecutionSettings, overwrite: bool = False
     """Plan (or reuse the identical plan already in RUN_DIR) and execute a run."""
     t0 = time.perf_counter()
     connect(execution.ray_address)
-    plan = make_plan(config, use_gpu=uses_gpu(execution))
+    use_gpu = uses_gpu(execution)
+    execution = replace(execution, use_gpu=use_gpu)  # decided once: the plan's batch and the actors agree
+    plan = make_plan(config, use_gpu=use_gpu)
     existing = _existing_plan(config.out)
     if existing is not None and not overwrite:
         if not existing.same_work(plan):
