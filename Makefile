@@ -1,4 +1,5 @@
-# Two commands do all the set-up: `make demo` maps a real Sentinel-2 scene, `make test` runs the tests.
+# Two commands do all the set-up: `make demo` maps a real Sentinel-2 scene, `make test` runs the tests
+# (`make quick` the fast tier, `make lint` the type and lint gate).
 PYTHON ?= python3
 VENV ?= .venv
 DATA ?= ../shared/data
@@ -9,7 +10,7 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[test]'
+	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[test,lint]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -22,4 +23,13 @@ demo: setup
 test: setup
 	GEOSEG_DATA=$(DATA) $(VENV)/bin/pytest -q -p no:cacheprovider
 
-.PHONY: setup demo test
+# the quick tier for the edit-test loop (seconds, no clusters or end-to-end runs)
+quick: setup
+	GEOSEG_DATA=$(DATA) $(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow"
+
+# the gate: strict types over geoseg/, lint over everything
+lint: setup
+	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff check .
+
+.PHONY: setup demo test quick lint

@@ -9,16 +9,42 @@ autoscaling cluster the job's pending GPU actors and reader tasks are the demand
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray.experimental import internal_kv
 
+from geoseg import storage
 from geoseg.config import GPU_READERS, ExecutionSettings
 from geoseg.errors import ConfigError
 
 AUTOSCALING_STATUS = "__autoscaling_status"  # where Ray's monitor publishes its report (ray_constants)
+# a local Ray as geoseg starts it: idle workers live a minute (Ray's default: 1 s beyond one per CPU), so the
+# stages after the tiles find the readers' workers warm instead of starting new ones (1-2 s per stage)
+IDLE_WORKER_S = 60
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False,
+            log_to_driver: bool = False, env_vars: dict[str, str] | None = None,
+            setup_hook: str | None = None, temp_dir: str | None = None) -> None:
+    """The one way geoseg starts or joins Ray: join ``address`` (or the cluster a Ray job runs in), else start
+    a local Ray of its own. Workers get the store's environment; a Ray already up in this process is kept."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    runtime_env: dict[str, Any] = {"env_vars": {**storage.forwarded_env(), **(env_vars or {})}}
+    if setup_hook:
+        runtime_env["worker_process_setup_hook"] = setup_hook
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env,
+                 log_to_driver=log_to_driver, _temp_dir=temp_dir,
+                 _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_S * 1000})
+    else:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
 
 
 @dataclass(frozen=True)

@@ -34,3 +34,7 @@ class RunDirError(GeosegError, FileNotFoundError):
 class ConfigError(GeosegError, ValueError):
     """A setting has a value geoseg cannot use."""
 
+
+
+class ExecutionError(GeosegError, RuntimeError):
+    """The cluster could not finish the work (inference actors keep dying, a block's result went missing)."""

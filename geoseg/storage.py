@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import fsspec
 import numpy as np
+import rasterio
 
 _FORWARDED_PREFIXES = ("AWS_", "GDAL_", "CPL_", "VSI_")
 
@@ -151,6 +152,11 @@ def gdal_options() -> dict[str, str]:
         "AWS_HTTPS": "YES" if parsed.scheme == "https" else "NO",
         "AWS_VIRTUAL_HOSTING": "FALSE",
     }
+
+
+def gdal_env() -> rasterio.Env:
+    """The one GDAL environment every raster read and write runs in: the store's endpoint for ``s3://``."""
+    return rasterio.Env(**gdal_options())
 
 
 GDAL_CACHE_MB = 128  # the block cache of a CPU task's worker (GDAL's default is 5% of RAM): bounds its memory

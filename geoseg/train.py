@@ -334,20 +334,13 @@ def _checkpoints(run_dir: Path, config: TrainConfig) -> list[tuple[Path, dict[st
 
 def _init_ray(config: TrainConfig) -> None:
     """Join the cluster in RAY_ADDRESS, or start a local one with its files in a temp dir."""
-    import ray
+    from geoseg.cluster import connect
 
-    if ray.is_initialized():
-        return
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # progress lines once, not once per log handler
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        cpus = max(os.cpu_count() or 1, config.num_workers * config.cpus_per_worker)
-        # the dashboard (when ray[default] is installed) serves the state API that Ray Train's
-        # placement-group cleaner polls every second
-        ray.init(num_cpus=cpus, include_dashboard=None, _temp_dir=tempfile.mkdtemp(prefix="geoseg-ray-"))
+    # the dashboard (when ray[default] is installed) serves the state API that Ray Train's
+    # placement-group cleaner polls every second
+    connect(num_cpus=max(os.cpu_count() or 1, config.num_workers * config.cpus_per_worker), dashboard=True,
+            log_to_driver=True, temp_dir=tempfile.mkdtemp(prefix="geoseg-ray-"))
 
 
 def train(config: TrainConfig) -> Path:
