@@ -6,7 +6,8 @@ the few pixels beyond it that odd-sized overviews reach), computes those levels 
 pixels GDAL's COG driver computes), deflates every tile of both rasters and counts the classes. Then one
 assembly task per raster computes the coarsest levels from the parts' level K, writes the header and IFDs
 and then the tiles in COG order (``cog.py``), and publishes the file with one rename or upload, so a reader
-never sees a half-written mosaic. Tasks get only the store's URL and a window; the compressed tiles pass
+never sees a half-written mosaic. Tasks get only a handle on the store (``store.Predictions``: its URL and
+chunk shape; ``store.py`` alone knows how its chunks are laid out) and a window; the compressed tiles pass
 from part to assembly through Ray's object store, and only the class counts reach the driver.
 
 A raster of more than ``grid_above`` pixels (default ``GRID_ABOVE_PX``) becomes a grid of COGs of ``cell``
@@ -26,26 +27,21 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
-import fsspec
 import numpy as np
+import numpy.typing as npt
 import ray
-import zarr
 from affine import Affine
-from numcodecs import Zstd
 from rasterio.crs import CRS
 from rasterio.io import MemoryFile
-from zarr.codecs import BytesCodec, ZstdCodec
-from zarr.core.chunk_grids import RegularChunkGrid
-from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
-from zarr.core.metadata import ArrayV3Metadata
 
 from geoseg import cog, storage
+from geoseg.arrays import ClassMap, Counts
 from geoseg.grid import Grid
 from geoseg.model.card import ModelCard
 from geoseg.overviews import ceil_div, downsample, level_shapes, source_level, source_span
-from geoseg.store import PREDICTIONS
+from geoseg.store import PredictionArray, Predictions, open_predictions
 
 CLASSES_TIF = "classes.tif"
 CONFIDENCE_TIF = "confidence.tif"
@@ -73,7 +69,7 @@ class MosaicResult:
 class _Raster:
     """One of the two rasters: its array in the store (also its file name), overview resampling, tags, colours."""
 
-    name: str
+    name: PredictionArray
     average: bool
     tags: tuple[tuple[str, str], ...]
     colormap: tuple[tuple[int, tuple[int, int, int, int]], ...] | None
@@ -83,7 +79,7 @@ class _Raster:
 class _Window:
     """One COG to write: a window of the store, its georeferencing and the levels its parts compute."""
 
-    store: str
+    predictions: Predictions
     row: int
     col: int
     height: int
@@ -91,7 +87,6 @@ class _Window:
     crs: str
     transform: tuple[float, ...]
     part_levels: int
-    chunks: tuple[int, int] | None  # the store's chunk shape where :func:`read_window` decodes chunks itself
 
     @property
     def parts(self) -> tuple[int, int]:
@@ -104,9 +99,9 @@ class _Window:
 class _Part:
     """A part's result: tile sizes per raster and level (0..K), class counts, and level K of each raster."""
 
-    sizes: dict[str, list[np.ndarray]]
-    counts: np.ndarray
-    coarse: dict[str, np.ndarray]
+    sizes: dict[str, list[npt.NDArray[np.int64]]]
+    counts: Counts
+    coarse: dict[str, npt.NDArray[np.uint8]]
 
 
 def colormap(card: ModelCard) -> dict[int, tuple[int, int, int, int]]:
@@ -152,50 +147,30 @@ def mosaic(run_dir: str, grid: Grid, card: ModelCard, tags: dict[str, str], *, g
     names = json.dumps({str(c.id): c.name for c in card.classes})
     rasters = (
         _Raster("classes", False, tuple({"CLASS_NAMES": names, **tags}.items()), tuple(colormap(card).items())),
-        _Raster("confidence", True, tuple({"SCALE": "1/255", "DESCRIPTION": "max softmax probability x 255; 0 = no data",
+        _Raster("confidence", True, tuple({"SCALE": "1/255",
+                                           "DESCRIPTION": "max softmax probability x 255; 0 = no data",
                                            **tags}.items()), None),
     )
-    store = storage.join(run_dir, PREDICTIONS)
-    chunks = plain_chunks(store)
+    predictions = open_predictions(run_dir)
     if grid.width * grid.height <= grid_above:
-        counts = _run([(_window(store, grid, 0, 0, grid.height, grid.width, part_levels, chunks),
+        counts = _run([(_window(predictions, grid, 0, 0, grid.height, grid.width, part_levels),
                         [storage.join(run_dir, f"{r.name}.tif") for r in rasters])], rasters)
         return MosaicResult(CLASSES_TIF, CONFIDENCE_TIF, counts)
-    cells = [(_window(store, grid, r0, c0, min(cell, grid.height - r0), min(cell, grid.width - c0), part_levels, chunks),
-              f"{r0 // cell}_{c0 // cell}.tif") for r0 in range(0, grid.height, cell) for c0 in range(0, grid.width, cell)]
+    cells = [(_window(predictions, grid, r0, c0, min(cell, grid.height - r0), min(cell, grid.width - c0), part_levels),
+              f"{r0 // cell}_{c0 // cell}.tif")
+             for r0 in range(0, grid.height, cell) for c0 in range(0, grid.width, cell)]
     counts = _run([(w, [storage.join(run_dir, r.name, name) for r in rasters]) for w, name in cells], rasters)
     for r in rasters:
         storage.write_bytes(storage.join(run_dir, f"{r.name}.vrt"), _vrt(grid, r, cells))
     return MosaicResult(CLASSES_VRT, CONFIDENCE_VRT, counts)
 
 
-def _window(store: str, grid: Grid, row: int, col: int, height: int, width: int, part_levels: int | None,
-            chunks: tuple[int, int] | None) -> _Window:
+def _window(predictions: Predictions, grid: Grid, row: int, col: int, height: int, width: int,
+            part_levels: int | None) -> _Window:
     t = grid.transform * Affine.translation(col, row)
     k = default_part_levels(height, width) if part_levels is None else part_levels
-    return _Window(store, row, col, height, width, grid.crs, tuple(t)[:6],
-                   _part_levels(level_shapes(height, width, BLOCK), k), chunks)
-
-
-def plain_chunks(store: str) -> tuple[int, int] | None:
-    """The chunk shape of the store's rasters when :func:`read_window` can decode their chunks itself (uint8,
-    zstd, fill 0, default chunk keys, as ``store.create`` writes them); None when zarr must read them."""
-    shapes = set()
-    for name in ("classes", "confidence"):
-        meta = _array(store, name).metadata
-        if not isinstance(meta, ArrayV3Metadata):
-            return None
-        encoding, grid = meta.chunk_key_encoding, meta.chunk_grid
-        if ([type(c) for c in meta.codecs] != [BytesCodec, ZstdCodec] or meta.dtype.to_native_dtype() != np.uint8
-                or meta.fill_value != 0 or not isinstance(encoding, DefaultChunkKeyEncoding) or encoding.separator != "/"
-                or not isinstance(grid, RegularChunkGrid) or len(grid.chunk_shape) != 2):
-            return None
-        shapes.add((int(grid.chunk_shape[0]), int(grid.chunk_shape[1])))
-    return shapes.pop() if len(shapes) == 1 else None
-
-
-def _array(store: str, name: str) -> zarr.Array:
-    return zarr.open_array(store, path=name, mode="r", storage_options=storage.storage_options(store) or None)  # type: ignore[arg-type]
+    return _Window(predictions, row, col, height, width, grid.crs, tuple(t)[:6],
+                   _part_levels(level_shapes(height, width, BLOCK), k))
 
 
 def _run(windows: Sequence[tuple[_Window, list[str]]], rasters: Sequence[_Raster]) -> dict[int, int]:
@@ -208,17 +183,18 @@ def _run(windows: Sequence[tuple[_Window, list[str]]], rasters: Sequence[_Raster
         total = ray.get(whole.remote(windows[0][0], rasters, windows[0][1]))
         return {int(c): int(total[c]) for c in np.flatnonzero(total) if c > 0}
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    in_flight: deque[list[ray.ObjectRef]] = deque()
+    in_flight: deque[list[ray.ObjectRef[Counts]]] = deque()
     total = np.zeros(256, np.int64)
     for window, urls in windows:
         rows, cols = window.parts
         side = BLOCK << window.part_levels
-        refs: list[list[ray.ObjectRef]] = [[] for _ in range(rows * cols)]
+        refs: list[list[ray.ObjectRef[Any]]] = [[] for _ in range(rows * cols)]
         # largest parts first, so that the last to finish are small; three results each: the part's sizes and
         # counts, then each raster's tiles
         for k in sorted(range(rows * cols), key=lambda k: -min(side, window.height - k // cols * side)
                         * min(side, window.width - k % cols * side)):
-            refs[k] = cast(list[ray.ObjectRef], part.remote(window, *divmod(k, cols)))
+            # num_returns=3: a list of three refs, which ray's annotations cannot express
+            refs[k] = cast(list[ray.ObjectRef[Any]], part.remote(window, *divmod(k, cols)))
         metas = [r[0] for r in refs]
         in_flight.append([assemble.remote(window, raster, url, len(refs), *metas, *[r[1 + k] for r in refs])
                           for k, (raster, url) in enumerate(zip(rasters, urls, strict=True))])
@@ -229,7 +205,7 @@ def _run(windows: Sequence[tuple[_Window, list[str]]], rasters: Sequence[_Raster
     return {int(c): int(total[c]) for c in np.flatnonzero(total) if c > 0}
 
 
-def _whole_task(window: _Window, rasters: Sequence[_Raster], urls: Sequence[str]) -> np.ndarray:
+def _whole_task(window: _Window, rasters: Sequence[_Raster], urls: Sequence[str]) -> Counts:
     """Parts and assembly of a small raster in one task: in a warm worker (the tile readers'), which costs
     less than starting the workers that parallel parts would need; its class counts."""
     rows, cols = window.parts
@@ -250,7 +226,8 @@ def _owned(shapes: Sequence[tuple[int, int]], levels: int, row: int, col: int) -
     return out
 
 
-def _needed(shapes: list[tuple[int, int]], owned: Sequence[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+def _needed(shapes: list[tuple[int, int]], owned: Sequence[tuple[int, int, int, int]]
+            ) -> list[tuple[int, int, int, int]]:
     """What each level must be computed over: its own tiles, and the pixels the levels below are made from
     (a few beyond its own where a side is odd), for NEAREST and AVERAGE alike."""
     need = list(owned)
@@ -268,8 +245,8 @@ def _needed(shapes: list[tuple[int, int]], owned: Sequence[tuple[int, int, int, 
     return need
 
 
-def pyramid_part(band: np.ndarray, shapes: list[tuple[int, int]], owned: Sequence[tuple[int, int, int, int]],
-                 need: Sequence[tuple[int, int, int, int]], average: bool) -> list[np.ndarray]:
+def pyramid_part(band: npt.NDArray[np.uint8], shapes: list[tuple[int, int]], owned: Sequence[tuple[int, int, int, int]],
+                 need: Sequence[tuple[int, int, int, int]], average: bool) -> list[npt.NDArray[np.uint8]]:
     """Each level's own pixels of a part, from ``band`` (level 0 over ``need[0]``)."""
     levels = [band]
     for lv in range(1, len(owned)):
@@ -277,10 +254,11 @@ def pyramid_part(band: np.ndarray, shapes: list[tuple[int, int]], owned: Sequenc
         src = source_level(shapes, lv)
         levels.append(downsample(levels[src], (need[src][0], need[src][2]), shapes[src], shapes[lv], (r0, r1), (c0, c1),
                                  average))
-    return [lvl[o[0] - n[0]:o[1] - n[0], o[2] - n[2]:o[3] - n[2]] for lvl, o, n in zip(levels, owned, need, strict=True)]
+    return [lvl[o[0] - n[0]:o[1] - n[0], o[2] - n[2]:o[3] - n[2]]
+            for lvl, o, n in zip(levels, owned, need, strict=True)]
 
 
-def class_counts(classes: np.ndarray) -> np.ndarray:
+def class_counts(classes: ClassMap) -> Counts:
     """Pixels of each value 0..255 of a uint8 array.
 
     Counted as pairs of pixels (one uint16 each, 65536 bins) in slices of 512 Ki pairs: bincount widens every
@@ -292,23 +270,25 @@ def class_counts(classes: np.ndarray) -> np.ndarray:
     for i in range(0, len(pairs), 1 << 19):
         table += np.bincount(pairs[i:i + (1 << 19)], minlength=65536)
     by_byte = table.reshape(256, 256)
-    counts = by_byte.sum(0) + by_byte.sum(1)
+    counts: Counts = by_byte.sum(0) + by_byte.sum(1)
     if len(flat) % 2:
         counts[flat[-1]] += 1
     return counts
 
 
-def _part_task(window: _Window, row: int, col: int) -> tuple[_Part, np.ndarray, np.ndarray]:
+def _part_task(window: _Window, row: int, col: int) -> tuple[_Part, npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
     """Read one part of the store, compute its levels and deflate their tiles (a Ray task)."""
     shapes = level_shapes(window.height, window.width, BLOCK)
     owned = _owned(shapes, window.part_levels, row, col)
     need = _needed(shapes, owned)
     r0, r1, c0, c1 = need[0]
-    sizes, blobs, coarse = {}, [], {}
+    sizes: dict[str, list[npt.NDArray[np.int64]]] = {}
+    blobs: list[npt.NDArray[np.uint8]] = []
+    coarse: dict[str, npt.NDArray[np.uint8]] = {}
     counts = np.zeros(256, np.int64)
-    for name, average in (("classes", False), ("confidence", True)):
-        band = read_window(window.store, name, window.chunks, (window.row + r0, window.row + r1),
-                           (window.col + c0, window.col + c1))
+    rasters: tuple[tuple[PredictionArray, bool], ...] = (("classes", False), ("confidence", True))
+    for name, average in rasters:
+        band = window.predictions.read(name, (window.row + r0, window.row + r1), (window.col + c0, window.col + c1))
         levels = pyramid_part(band, shapes, owned, need, average)
         if name == "classes":
             counts = class_counts(levels[0])
@@ -318,45 +298,6 @@ def _part_task(window: _Window, row: int, col: int) -> tuple[_Part, np.ndarray, 
         blobs.append(np.concatenate([b for b, _ in pieces]))
         coarse[name] = levels[-1] if window.part_levels < len(shapes) - 1 else np.zeros((0, 0), np.uint8)
     return _Part(sizes, counts, coarse), blobs[0], blobs[1]
-
-
-def read_window(store: str, name: str, chunks: tuple[int, int] | None, rows: tuple[int, int], cols: tuple[int, int]
-                ) -> np.ndarray:
-    """``rows`` x ``cols`` of raster ``name`` of the store, with its chunks decoded in this thread where
-    ``chunks`` (from :func:`plain_chunks`) says it can.
-
-    zarr's own reader hands every chunk to a thread of its event loop, which on a tile-sized chunk costs
-    three times the CPU of reading and decoding it (measured on predictions.zarr's 256 px zstd chunks).
-    Chunk files are fetched in one batch (concurrently from an object store).
-    """
-    (r0, r1), (c0, c1) = rows, cols
-    if chunks is None:
-        return np.asarray(_array(store, name)[r0:r1, c0:c1])
-    ch, cw = chunks
-    i0, j0 = r0 // ch, c0 // cw
-    fs, base = storage.filesystem(store)
-    keys = {f"{base}/{name}/c/{i}/{j}": (i - i0, j - j0) for i in range(i0, ceil_div(r1, ch))
-            for j in range(j0, ceil_div(c1, cw))}
-    # chunk by chunk into one buffer (decoding into place spares an allocation per chunk), then one copy
-    tiles = np.zeros((ceil_div(r1, ch) - i0, ceil_div(c1, cw) - j0, ch, cw), np.uint8)
-    zstd = Zstd()
-    for path, raw in _cat(fs, store, list(keys)).items():
-        zstd.decode(raw, out=tiles[keys[path]])
-    band = tiles.transpose(0, 2, 1, 3).reshape(tiles.shape[0] * ch, tiles.shape[1] * cw)
-    return band[r0 - i0 * ch:r1 - i0 * ch, c0 - j0 * cw:c1 - j0 * cw]
-
-
-def _cat(fs: fsspec.AbstractFileSystem, store: str, paths: list[str]) -> dict[str, bytes]:
-    """The content of those of ``paths`` that exist (a chunk never written is absent)."""
-    if storage.is_remote(store):
-        return fs.cat(paths, on_error="omit")  # type: ignore[no-any-return]
-    out = {}
-    for path in paths:  # plain reads: fsspec's local file objects cost more than decoding a chunk
-        try:
-            out[path] = Path(path).read_bytes()
-        except FileNotFoundError:
-            continue
-    return out
 
 
 def _tile_order(window: _Window, parts: Sequence[_Part], name: str, lv: int) -> Iterator[tuple[int, int, int]]:
@@ -374,10 +315,13 @@ def _tile_order(window: _Window, parts: Sequence[_Part], name: str, lv: int) -> 
                 yield i, offset, size
 
 
-def _assemble_task(window: _Window, raster: _Raster, url: str, n: int, *results: object) -> np.ndarray:
-    """Write one raster's COG from its parts' tiles and publish it at ``url``; return the parts' class counts."""
-    parts: list[_Part] = list(results[:n])  # type: ignore[arg-type]
-    blobs: list[np.ndarray] = list(results[n:])  # type: ignore[arg-type]
+def _assemble_task(window: _Window, raster: _Raster, url: str, n: int, *results: object) -> Counts:
+    """Write one raster's COG from its parts' tiles and publish it at ``url``; return the parts' class counts.
+
+    ``results`` are the ``n`` parts' :class:`_Part` then their tiles' bytes, flat: Ray resolves the refs of
+    a task's arguments only when they are passed one by one."""
+    parts = cast(list[_Part], list(results[:n]))
+    blobs = cast(list[npt.NDArray[np.uint8]], list(results[n:]))
     shapes = level_shapes(window.height, window.width, BLOCK)
     k = window.part_levels
     coarse = np.zeros(shapes[k], np.uint8)
@@ -463,7 +407,8 @@ def _vrt(grid: Grid, raster: _Raster, cells: Sequence[tuple[_Window, str]]) -> b
     # virtual overviews, read from each cell's own overviews, at the factors a single COG would have
     factors = [str(2**i) for i in range(1, len(level_shapes(grid.height, grid.width, BLOCK)))]
     if factors:
-        ET.SubElement(root, "OverviewList", resampling="average" if raster.average else "nearest").text = " ".join(factors)
+        resampling = "average" if raster.average else "nearest"
+        ET.SubElement(root, "OverviewList", resampling=resampling).text = " ".join(factors)
     band = ET.SubElement(root, "VRTRasterBand", dataType="Byte", band="1")
     ET.SubElement(band, "NoDataValue").text = "0"
     if table is not None:

@@ -22,6 +22,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from geoseg import storage
+from geoseg.arrays import Image, Mask
 from geoseg.errors import SceneError, SceneReadError
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,10 @@ def normalise_band_name(name: str) -> str:
 def open_scene(url: str, band_names: tuple[str, ...] | None = None) -> Scene:
     """Inspect a scene once at planning time; fail fast on what no tile could read."""
     try:
-        with rasterio.Env(**storage.gdal_options()), rasterio.open(url) as src:
+        with storage.gdal_env(), rasterio.open(url) as src:
             if src.crs is None:
-                raise SceneError(f"scene {url} has no CRS: assign one (e.g. gdal_edit.py -a_srs EPSG:XXXX) and run again")
+                raise SceneError(f"scene {url} has no CRS: assign one (e.g. gdal_edit.py -a_srs EPSG:XXXX) "
+                                 "and run again")
             names = _band_names(src, url, band_names)
             alpha = next((i + 1 for i, ci in enumerate(src.colorinterp) if ci == ColorInterp.alpha), None)
             return Scene(
@@ -83,13 +85,15 @@ def open_scene(url: str, band_names: tuple[str, ...] | None = None) -> Scene:
                 nodata=src.nodata,
             )
     except RasterioIOError as exc:
-        raise SceneReadError(f"cannot read scene {url}: {exc}. Check the path (and AWS_* variables for s3:// URLs)") from exc
+        raise SceneReadError(f"cannot read scene {url}: {exc}. "
+                             "Check the path (and AWS_* variables for s3:// URLs)") from exc
 
 
 def _band_names(src: rasterio.DatasetReader, url: str, given: tuple[str, ...] | None) -> tuple[str, ...]:
     if given:
         if len(given) != src.count:
-            raise SceneError(f"--bands names {len(given)} bands but scene {url} has {src.count}: name every band in order")
+            raise SceneError(f"--bands names {len(given)} bands but scene {url} has {src.count}: "
+                             "name every band in order")
         return tuple(normalise_band_name(b) for b in given)
     if all(src.descriptions):
         return tuple(normalise_band_name(d) for d in src.descriptions)
@@ -100,7 +104,8 @@ def _band_names(src: rasterio.DatasetReader, url: str, given: tuple[str, ...] | 
                     url, ",".join(names))
         return names
     raise SceneError(
-        f"scene {url} ({src.count} bands, {src.dtypes[0]}) does not name its bands: pass --bands NAME,NAME,... in band order"
+        f"scene {url} ({src.count} bands, {src.dtypes[0]}) does not name its bands: "
+        "pass --bands NAME,NAME,... in band order"
     )
 
 
@@ -111,7 +116,8 @@ def band_indexes(scene: Scene, wanted: tuple[str, ...]) -> tuple[int, ...]:
     if missing:
         raise SceneError(
             f"scene {scene.url} has bands {','.join(names)} but the model needs {','.join(wanted)} "
-            f"(missing {','.join(missing)}): choose a model for this imagery with --model, or name the bands with --bands"
+            f"(missing {','.join(missing)}): choose a model for this imagery with --model, "
+            "or name the bands with --bands"
         )
     return tuple(names.index(normalise_band_name(b)) + 1 for b in wanted)
 
@@ -126,12 +132,12 @@ class SceneReader:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        with self._gdal_errors(), rasterio.Env(**storage.gdal_options()):
+        with self._gdal_errors(), storage.gdal_env():
             self.src = rasterio.open(url)
         self.has_mask = self.src.nodata is not None or any(ci == ColorInterp.alpha for ci in self.src.colorinterp)
 
     def read(self, bands: tuple[int, ...], crs: str, transform: Affine, shape: tuple[int, int], aligned: bool
-             ) -> tuple[np.ndarray, np.ndarray]:
+             ) -> tuple[Image, Mask]:
         """Read ``bands`` onto a target window of the run's grid: (data[B,H,W], valid[H,W]).
 
         ``aligned`` (same CRS, same pixel size, pixel edges on the grid's) reads the scene's own pixels
@@ -141,7 +147,7 @@ class SceneReader:
         if aligned:
             return self._read_aligned(bands, transform, shape)
         height, width = shape
-        with self._gdal_errors(), rasterio.Env(**storage.gdal_options()), WarpedVRT(
+        with self._gdal_errors(), storage.gdal_env(), WarpedVRT(
             self.src,
             crs=CRS.from_user_input(crs),
             transform=transform,
@@ -155,7 +161,7 @@ class SceneReader:
         return data, valid
 
     def _read_aligned(self, bands: tuple[int, ...], transform: Affine, shape: tuple[int, int]
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      ) -> tuple[Image, Mask]:
         """The window's part inside the scene read as it is stored (no warper: the pixels are the scene's own);
         the rest is invalid."""
         height, width = shape
@@ -169,7 +175,7 @@ class SceneReader:
             return data, valid
         window = Window(c0, r0, c1 - c0, r1 - r0)
         inside = (slice(r0 - row, r1 - row), slice(c0 - col, c1 - col))
-        with self._gdal_errors(), rasterio.Env(**storage.gdal_options()):
+        with self._gdal_errors(), storage.gdal_env():
             if (r1 - r0, c1 - c0) == shape:
                 self.src.read(list(bands), window=window, out=data)
             else:

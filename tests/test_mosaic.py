@@ -184,7 +184,8 @@ def test_synthetic_patches_and_holes_equal_gdal(tmp_path: Path, real: tuple, hei
     patches = rng.integers(1, 11, (grid.height // 37 + 1, grid.width // 29 + 1), dtype=np.uint8)
     classes = np.repeat(np.repeat(patches, 37, 0), 29, 1)[:grid.height, :grid.width]
     confidence = rng.integers(1, 256, classes.shape, dtype=np.uint8)
-    holes = (rng.random(classes.shape) < 0.05) | (np.add.outer(np.arange(grid.height), np.arange(grid.width)) % 611 < 40)
+    stripes = np.add.outer(np.arange(grid.height), np.arange(grid.width)) % 611 < 40
+    holes = (rng.random(classes.shape) < 0.05) | stripes
     classes[holes], confidence[holes] = 0, 0
     pred = zarr.open_group(str(run_dir / store.PREDICTIONS), mode="r+")
     pred["classes"][:] = classes
@@ -213,7 +214,8 @@ def test_grid_of_cogs_reads_as_the_single_cog(tmp_path: Path, real: tuple, data_
     gridded = mosaic(str(run_dir), grid, card, TAGS, grid_above=0, cell=1024)
     assert (gridded.classes, gridded.confidence) == (CLASSES_VRT, "confidence.vrt")
     assert gridded.counts == single.counts
-    assert sorted(p.name for p in (run_dir / "classes").iterdir()) == [f"{r}_{c}.tif" for r in range(2) for c in range(3)]
+    cells = sorted(p.name for p in (run_dir / "classes").iterdir())
+    assert cells == [f"{r}_{c}.tif" for r in range(2) for c in range(3)]
     for name in ("classes", "confidence"):
         with rasterio.open(run_dir / f"{name}.tif") as a, rasterio.open(run_dir / f"{name}.vrt") as b:
             assert b.driver == "VRT" and (b.width, b.height, b.nodata) == (a.width, a.height, a.nodata)
@@ -256,7 +258,8 @@ def test_bigtiff_layout_reads_the_same(tmp_path: Path) -> None:
     shapes = level_shapes(*band.shape, cog.BLOCK)
     levels = [band]
     for i in range(1, len(shapes)):
-        levels.append(downsample(levels[-1], (0, 0), shapes[i - 1], shapes[i], (0, shapes[i][0]), (0, shapes[i][1]), False))
+        levels.append(downsample(levels[-1], (0, 0), shapes[i - 1], shapes[i], (0, shapes[i][0]), (0, shapes[i][1]),
+                                 False))
     pieces = [cog.deflate_tiles(lvl) for lvl in levels]
     with MemoryFile() as mem:
         with mem.open(driver="GTiff", width=1, height=1, count=1, dtype="uint8", crs="EPSG:32633",

@@ -1,4 +1,5 @@
-"""A whole run against a real S3-compatible server (SeaweedFS) on 127.0.0.1: scenes, RUN_DIR and stores as s3:// URLs."""
+"""A whole run against a real S3-compatible server (SeaweedFS) on 127.0.0.1: scenes, RUN_DIR and stores as
+s3:// URLs."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def test_run_on_object_store(s3: str, data_dir: Path, monkeypatch: pytest.Monkey
     assert report["tiles_done"] == report["tiles_total"] > 0
     fs.get_file("geoseg/runs/drone/landcover.gpkg", str(tmp_path / "landcover.gpkg"))
     gdf = gpd.read_file(tmp_path / "landcover.gpkg", layer="landcover")
-    with rasterio.Env(**storage.gdal_options()), rasterio.open(f"{run_dir}/classes.tif") as src:
+    with storage.gdal_env(), rasterio.open(f"{run_dir}/classes.tif") as src:
         classes = src.read(1)
         pixel = src.res[0] * src.res[1]
     assert gdf.area.sum() == pytest.approx((classes > 0).sum() * pixel, rel=1e-9)
@@ -92,5 +93,5 @@ def test_run_on_object_store(s3: str, data_dir: Path, monkeypatch: pytest.Monkey
     plan = load_plan(run_dir)
     gridded = mosaic(run_dir, plan.grid, load_card(plan.model), {}, grid_above=0, cell=512)
     assert storage.exists(f"{run_dir}/classes/0_0.tif") and storage.exists(f"{run_dir}/confidence/0_0.tif")
-    with rasterio.Env(**storage.gdal_options()), rasterio.open(f"{run_dir}/{gridded.classes}") as src:
+    with storage.gdal_env(), rasterio.open(f"{run_dir}/{gridded.classes}") as src:
         assert src.driver == "VRT" and np.array_equal(src.read(1), classes)
