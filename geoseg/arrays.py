@@ -16,6 +16,9 @@ ClassMap = npt.NDArray[np.uint8]
 Confidence = npt.NDArray[np.uint8]
 """(y, x) max softmax probability x 255; 0 is no data."""
 
+Band = npt.NDArray[np.uint8]
+"""(y, x) one 8-bit raster band of any meaning: a class map, a confidence raster, or an overview level of one."""
+
 Mask = npt.NDArray[np.bool_]
 """(y, x) True where a pixel is valid (or selected)."""
 

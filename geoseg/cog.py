@@ -18,13 +18,18 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 from isal import isal_zlib
+
+from geoseg.arrays import Band
 
 BLOCK = 512  # tile side, GDAL's COG default
 DEFLATE_LEVEL = 1
 GHOST = ("LAYOUT=IFDS_BEFORE_DATA\nBLOCK_ORDER=ROW_MAJOR\nBLOCK_LEADER=SIZE_AS_UINT4\n"
          "BLOCK_TRAILER=LAST_4_BYTES_REPEATED\nKNOWN_INCOMPATIBLE_EDITION=NO\n ")
 CLASSIC_LIMIT = 2**32 - 1  # the last byte a classic TIFF can address
+
+Sizes = npt.NDArray[np.int64]  # byte counts or offsets, one per tile
 
 SHORT, LONG, LONG8 = 3, 4, 16
 _TYPE_SIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 16: 8, 17: 8, 18: 8}
@@ -50,10 +55,10 @@ class Level:
 
     height: int
     width: int
-    sizes: np.ndarray
+    sizes: Sizes
 
 
-def deflate_tiles(band: np.ndarray, level: int = DEFLATE_LEVEL) -> tuple[np.ndarray, np.ndarray]:
+def deflate_tiles(band: Band, level: int = DEFLATE_LEVEL) -> tuple[npt.NDArray[np.uint8], Sizes]:
     """Split a band whose origin is on the tile grid into ``BLOCK`` tiles (row-major, edge tiles padded
     with 0) and deflate each; returns the tiles' bytes end to end (uint8) and each tile's size."""
     h, w = band.shape
@@ -71,7 +76,7 @@ def deflate_tiles(band: np.ndarray, level: int = DEFLATE_LEVEL) -> tuple[np.ndar
     return np.frombuffer(b"".join(pieces), np.uint8), sizes
 
 
-def split(blob: np.ndarray, sizes: np.ndarray) -> Iterator[memoryview]:
+def split(blob: npt.NDArray[np.uint8], sizes: Sizes) -> Iterator[memoryview]:
     """The tiles of a :func:`deflate_tiles` result, one by one, without copying."""
     ends = np.cumsum(sizes)
     for end, size in zip(ends.tolist(), sizes.tolist(), strict=True):
@@ -99,7 +104,7 @@ def _number(tag_type: int, values: Sequence[int]) -> Tag:
     return Tag(tag_type, len(values), struct.pack(f"<{len(values)}{_FORMAT[tag_type]}", *values))
 
 
-def _ifd_fields(level: Level, index: int, template: dict[int, Tag], offsets: np.ndarray, bigtiff: bool) -> dict[int, Tag]:
+def _ifd_fields(level: Level, index: int, template: dict[int, Tag], offsets: Sizes, bigtiff: bool) -> dict[int, Tag]:
     side = SHORT if max(level.width, level.height) < 2**16 else LONG
     word = LONG8 if bigtiff else LONG
     fields = {t: v for t, v in template.items() if t not in _LAYOUT_TAGS and (index == 0 or t in _OVERVIEW_TAGS)}
@@ -112,7 +117,7 @@ def _ifd_fields(level: Level, index: int, template: dict[int, Tag], offsets: np.
     return fields
 
 
-def _ifds(levels: Sequence[Level], template: dict[int, Tag], offsets: Sequence[np.ndarray], start: int,
+def _ifds(levels: Sequence[Level], template: dict[int, Tag], offsets: Sequence[Sizes], start: int,
           bigtiff: bool) -> bytes:
     """The IFDs of every level, one after the other from ``start``, each followed by its out-of-line values."""
     entry, count_fmt, value_fmt, inline = ("<HHQ", "<Q", "<Q", 8) if bigtiff else ("<HHI", "<H", "<I", 4)
@@ -120,7 +125,8 @@ def _ifds(levels: Sequence[Level], template: dict[int, Tag], offsets: Sequence[n
     for i, (level, offs) in enumerate(zip(levels, offsets, strict=True)):
         fields = sorted(_ifd_fields(level, i, template, offs, bigtiff).items())
         here = start + len(out)
-        table = struct.calcsize(count_fmt) + len(fields) * (struct.calcsize(entry) + inline) + struct.calcsize(value_fmt)
+        table = (struct.calcsize(count_fmt) + len(fields) * (struct.calcsize(entry) + inline)
+                 + struct.calcsize(value_fmt))
         extra = bytearray()
         entries = bytearray(struct.pack(count_fmt, len(fields)))
         for tag, f in fields:
@@ -145,12 +151,12 @@ def _head(bigtiff: bool) -> bytes:
     return b"II*\x00" + struct.pack("<I", 8 + len(text)) + text
 
 
-def _tile_offsets(levels: Sequence[Level], template: dict[int, Tag], bigtiff: bool) -> tuple[list[np.ndarray], int]:
+def _tile_offsets(levels: Sequence[Level], template: dict[int, Tag], bigtiff: bool) -> tuple[list[Sizes], int]:
     """Where each tile's bytes start, tiles written coarsest level first after the IFDs; and the file's size."""
     start = len(_head(bigtiff))
     placeholder = [np.zeros(len(lv.sizes), np.int64) for lv in levels]
     pos = start + len(_ifds(levels, template, placeholder, start, bigtiff))  # IFD sizes do not depend on offsets
-    offsets: list[np.ndarray] = [np.empty(0, np.int64)] * len(levels)
+    offsets: list[Sizes] = [np.empty(0, np.int64)] * len(levels)
     for i in reversed(range(len(levels))):
         framed = levels[i].sizes + 8  # its size before each tile, its last 4 bytes after
         offsets[i] = pos + 4 + np.concatenate([[0], np.cumsum(framed)[:-1]]).astype(np.int64)
@@ -159,7 +165,7 @@ def _tile_offsets(levels: Sequence[Level], template: dict[int, Tag], bigtiff: bo
 
 
 def header(levels: Sequence[Level], template: dict[int, Tag], bigtiff: bool | None = None
-           ) -> tuple[bytes, list[np.ndarray]]:
+           ) -> tuple[bytes, list[Sizes]]:
     """The bytes before the first tile and each level's tile offsets, for tiles written as :func:`write` does.
 
     ``bigtiff`` None: BigTIFF only when the file would pass the 4 GiB a classic TIFF can address.
@@ -171,8 +177,8 @@ def header(levels: Sequence[Level], template: dict[int, Tag], bigtiff: bool | No
     return head + _ifds(levels, template, offsets, len(head), bigtiff), offsets
 
 
-def write(out: BinaryIO, levels: Sequence[Level], template: dict[int, Tag], tiles: Callable[[int], Iterable[memoryview]],
-          bigtiff: bool | None = None) -> None:
+def write(out: BinaryIO, levels: Sequence[Level], template: dict[int, Tag],
+          tiles: Callable[[int], Iterable[memoryview]], bigtiff: bool | None = None) -> None:
     """Write a COG: ``tiles(i)`` yields level ``i``'s compressed tiles in row-major order (level 0 is full
     resolution), with the sizes given in ``levels``."""
     head, _ = header(levels, template, bigtiff)

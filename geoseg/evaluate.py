@@ -10,14 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from geoseg.arrays import Counts
 from geoseg.errors import SceneError, SceneReadError
 
+Ids = npt.NDArray[np.integer[Any]]  # (y, x) class ids; a reference may hold -1 where it has no label
 
-def confusion_matrix(pred: np.ndarray, ref: np.ndarray, ignore: int | None = 0, size: int = 256) -> np.ndarray:
+
+def confusion_matrix(pred: Ids, ref: Ids, ignore: int | None = 0, size: int = 256) -> Counts:
     """Counts[ref id, predicted id] over pixels whose reference is not `ignore` (nor negative / >= size)."""
     if pred.shape != ref.shape:
-        raise SceneError(f"prediction {pred.shape} and reference {ref.shape} differ in shape: put them on one grid first")
+        raise SceneError(f"prediction {pred.shape} and reference {ref.shape} differ in shape: "
+                         "put them on one grid first")
     p, r = pred.astype(np.int64).ravel(), ref.astype(np.int64).ravel()
     keep = (r >= 0) & (r < size) & (p >= 0) & (p < size)
     if ignore is not None:
@@ -25,7 +30,7 @@ def confusion_matrix(pred: np.ndarray, ref: np.ndarray, ignore: int | None = 0, 
     return np.bincount(r[keep] * size + p[keep], minlength=size * size).reshape(size, size)
 
 
-def iou_per_class(cm: np.ndarray) -> np.ndarray:
+def iou_per_class(cm: Counts) -> npt.NDArray[np.float64]:
     """TP / (TP + FP + FN) per id; NaN where an id is neither in the reference nor predicted."""
     tp = np.diag(cm).astype(np.float64)
     union = cm.sum(0) + cm.sum(1) - tp
@@ -33,8 +38,9 @@ def iou_per_class(cm: np.ndarray) -> np.ndarray:
         return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
 
 
-def summarise(cm: np.ndarray, ignore: int | None = 0, names: dict[int, str] | None = None) -> dict[str, Any]:
-    """JSON-able metrics; mean IoU is over the classes present in the reference, so absent classes neither help nor hurt."""
+def summarise(cm: Counts, ignore: int | None = 0, names: dict[int, str] | None = None) -> dict[str, Any]:
+    """JSON-able metrics; mean IoU is over the classes present in the reference, so absent classes neither help
+    nor hurt."""
     iou = iou_per_class(cm)
     in_ref = cm.sum(1) > 0
     ids = [i for i in range(len(cm)) if in_ref[i] or cm[:, i].sum() > 0]
@@ -53,13 +59,16 @@ def summarise(cm: np.ndarray, ignore: int | None = 0, names: dict[int, str] | No
     }
 
 
-def evaluate_arrays(pred: np.ndarray, ref: np.ndarray, ignore: int | None = 0, names: dict[int, str] | None = None) -> dict[str, Any]:
+def evaluate_arrays(pred: Ids, ref: Ids, ignore: int | None = 0, names: dict[int, str] | None = None
+                    ) -> dict[str, Any]:
     """Metrics of a class map against a reference already on the same grid."""
     return summarise(confusion_matrix(pred, ref, ignore), ignore, names)
 
 
-def evaluate_rasters(classes_tif: str | Path, reference_tif: str | Path, ignore: int | None = 0, names: dict[int, str] | None = None) -> dict[str, Any]:
-    """Compare a run's class raster (``classes.tif``, or ``classes.vrt`` over a grid of COGs) with a reference label raster.
+def evaluate_rasters(classes_tif: str | Path, reference_tif: str | Path, ignore: int | None = 0,
+                     names: dict[int, str] | None = None) -> dict[str, Any]:
+    """Compare a run's class raster (``classes.tif``, or ``classes.vrt`` over a grid of COGs) with a reference
+    label raster.
 
     When the grids differ the reference is reprojected onto the class map's grid with nearest neighbour
     (labels are categories, never averaged); pixels the reference does not cover are left out.
@@ -78,7 +87,8 @@ def evaluate_rasters(classes_tif: str | Path, reference_tif: str | Path, ignore:
                     ref[ref == rf.nodata] = np.nan
             else:
                 if rf.crs is None or cls.crs is None:
-                    raise SceneError(f"{classes_tif} and {reference_tif} are on different grids and one has no CRS: georeference both")
+                    raise SceneError(f"{classes_tif} and {reference_tif} are on different grids and one has no CRS: "
+                                     "georeference both")
                 ref = np.full(cls.shape, np.nan)
                 reproject(
                     rf.read(1).astype(np.float64), ref,
@@ -111,5 +121,6 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{i:>5}  {names[str(i)][:44]:<44} {'-' if iou is None else f'{iou:.3f}':>6}{mark}")
     lines.append("")
     lines.append(f"mean IoU over {len(result['present'])} classes present: {result['miou']:.3f}")
-    lines.append(f"overall accuracy: {result['overall_accuracy']:.3f}  ({result['pixels']} labelled pixels, ignore={result['ignore']})")
+    lines.append(f"overall accuracy: {result['overall_accuracy']:.3f}  "
+                 f"({result['pixels']} labelled pixels, ignore={result['ignore']})")
     return "\n".join(lines)

@@ -13,14 +13,20 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pyogrio.raw
 import shapely
 
 from geoseg.errors import ConfigError
 
 FIELD_TYPES = ("int64", "float64", "str")
+Geometries = npt.NDArray[np.object_]  # shapely geometries
+# WKB, one bytes object per geometry: object arrays at run time, though shapely annotates to_wkb as bytes_
+WKB = npt.NDArray[np.object_] | npt.NDArray[np.bytes_]
+Column = npt.NDArray[Any]  # one field's values, one per geometry
 
 
 class GpkgWriter:
@@ -50,8 +56,8 @@ class GpkgWriter:
         self.count = 0
         self._created = False
         self._closed = False
-        self._wkb: list[np.ndarray] = []
-        self._cols: dict[str, list[np.ndarray]] = {k: [] for k in self.fields}
+        self._wkb: list[npt.NDArray[np.object_]] = []
+        self._cols: dict[str, list[Column]] = {k: [] for k in self.fields}
         self._buffered = 0
 
     def __enter__(self) -> GpkgWriter:
@@ -64,27 +70,27 @@ class GpkgWriter:
         else:
             self.abort()
 
-    def write(self, geometries: np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
+    def write(self, geometries: Geometries, columns: Mapping[str, Column]) -> None:
         """Buffer one batch of (Multi)Polygons with their columns; flush when the buffer is full."""
         self.write_wkb(shapely.to_wkb(np.asarray(geometries, dtype=object)), columns)
 
-    def write_wkb(self, wkb: np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
+    def write_wkb(self, wkb: WKB, columns: Mapping[str, Column]) -> None:
         """Like :meth:`write`, for geometries already encoded as WKB (as they come back from workers):
         the driver then never builds geometry objects for them."""
         if self._closed:
             raise ConfigError("GpkgWriter already committed or aborted: open a new writer")
-        wkb = np.asarray(wkb, dtype=object)
+        objects: npt.NDArray[np.object_] = np.asarray(wkb, dtype=object)
         if set(columns) != set(self.fields):
             raise ConfigError(f"columns {sorted(columns)} do not match the layer's fields {sorted(self.fields)}")
         for name, values in columns.items():
-            if len(values) != len(wkb):
-                raise ConfigError(f"column {name} has {len(values)} values for {len(wkb)} geometries")
-        if len(wkb) == 0:
+            if len(values) != len(objects):
+                raise ConfigError(f"column {name} has {len(values)} values for {len(objects)} geometries")
+        if len(objects) == 0:
             return
-        self._wkb.append(wkb)
+        self._wkb.append(objects)
         for name, values in columns.items():
             self._cols[name].append(np.asarray(values))
-        self._buffered += len(wkb)
+        self._buffered += len(objects)
         if self._buffered >= self.batch_size:
             self._flush()
 
@@ -115,7 +121,7 @@ class GpkgWriter:
     def _flush(self) -> None:
         if not self._buffered:
             return
-        wkb = np.concatenate(self._wkb)
+        wkb: npt.NDArray[np.object_] = np.concatenate(self._wkb)
         cols = {k: np.concatenate(v) for k, v in self._cols.items()}
         self._wkb.clear()
         for v in self._cols.values():
@@ -123,7 +129,7 @@ class GpkgWriter:
         self._buffered = 0
         self._append(wkb, cols)
 
-    def _append(self, wkb: np.ndarray, cols: Mapping[str, np.ndarray]) -> None:
+    def _append(self, wkb: npt.NDArray[np.object_], cols: Mapping[str, Column]) -> None:
         names = list(self.fields)
         data = [_column(cols[k], self.fields[k]) for k in names]
         kwargs: dict[str, object] = {}
@@ -137,7 +143,7 @@ class GpkgWriter:
         self.count += len(wkb)
 
 
-def _column(values: np.ndarray, kind: str) -> np.ndarray:
+def _column(values: Column, kind: str) -> Column:
     if kind == "int64":
         return np.asarray(values, dtype=np.int64)
     if kind == "float64":
@@ -145,7 +151,7 @@ def _column(values: np.ndarray, kind: str) -> np.ndarray:
     return np.asarray(values, dtype=object)
 
 
-def _empty(kind: str) -> np.ndarray:
+def _empty(kind: str) -> Column:
     return np.empty(0, dtype=object if kind == "str" else kind)
 
 

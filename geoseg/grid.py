@@ -12,9 +12,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from affine import Affine
 from rasterio.features import rasterize
 from shapely.geometry.base import BaseGeometry
+
+from geoseg.arrays import TileIndex
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class Grid:
         t = self.tile_size
         return self.transform @ Affine.translation(col * t - self.halo, row * t - self.halo)
 
-    def input_boxes(self, tiles: np.ndarray) -> np.ndarray:
+    def input_boxes(self, tiles: TileIndex) -> npt.NDArray[np.float64]:
         """(left, bottom, right, top) of the haloed input squares of (row, col) tiles, as an (N, 4) array."""
         step, reach = self.tile_size * self.res, self.halo * self.res
         left = self.left + tiles[:, 1] * step - reach
@@ -105,7 +108,7 @@ def snap_grid(
     return Grid(crs=crs, res=res, left=x0, top=y0, width=width, height=height, tile_size=tile_size, halo=halo)
 
 
-def tiles_covering(grid: Grid, area: BaseGeometry) -> np.ndarray:
+def tiles_covering(grid: Grid, area: BaseGeometry) -> TileIndex:
     """(row, col) of every tile whose core touches ``area`` (in the grid's CRS), as an int32 (N, 2) array.
 
     Rasterising the area at tile resolution keeps this linear in the tile count, so a million-tile

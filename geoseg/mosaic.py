@@ -37,7 +37,7 @@ from rasterio.crs import CRS
 from rasterio.io import MemoryFile
 
 from geoseg import cog, storage
-from geoseg.arrays import ClassMap, Counts
+from geoseg.arrays import Band, ClassMap, Counts
 from geoseg.grid import Grid
 from geoseg.model.card import ModelCard
 from geoseg.overviews import ceil_div, downsample, level_shapes, source_level, source_span
@@ -99,9 +99,9 @@ class _Window:
 class _Part:
     """A part's result: tile sizes per raster and level (0..K), class counts, and level K of each raster."""
 
-    sizes: dict[str, list[npt.NDArray[np.int64]]]
+    sizes: dict[str, list[cog.Sizes]]
     counts: Counts
-    coarse: dict[str, npt.NDArray[np.uint8]]
+    coarse: dict[str, Band]
 
 
 def colormap(card: ModelCard) -> dict[int, tuple[int, int, int, int]]:
@@ -245,8 +245,8 @@ def _needed(shapes: list[tuple[int, int]], owned: Sequence[tuple[int, int, int, 
     return need
 
 
-def pyramid_part(band: npt.NDArray[np.uint8], shapes: list[tuple[int, int]], owned: Sequence[tuple[int, int, int, int]],
-                 need: Sequence[tuple[int, int, int, int]], average: bool) -> list[npt.NDArray[np.uint8]]:
+def pyramid_part(band: Band, shapes: list[tuple[int, int]], owned: Sequence[tuple[int, int, int, int]],
+                 need: Sequence[tuple[int, int, int, int]], average: bool) -> list[Band]:
     """Each level's own pixels of a part, from ``band`` (level 0 over ``need[0]``)."""
     levels = [band]
     for lv in range(1, len(owned)):
@@ -282,9 +282,9 @@ def _part_task(window: _Window, row: int, col: int) -> tuple[_Part, npt.NDArray[
     owned = _owned(shapes, window.part_levels, row, col)
     need = _needed(shapes, owned)
     r0, r1, c0, c1 = need[0]
-    sizes: dict[str, list[npt.NDArray[np.int64]]] = {}
-    blobs: list[npt.NDArray[np.uint8]] = []
-    coarse: dict[str, npt.NDArray[np.uint8]] = {}
+    sizes: dict[str, list[cog.Sizes]] = {}
+    blobs: list[npt.NDArray[np.uint8]] = []  # each raster's deflated tiles, end to end
+    coarse: dict[str, Band] = {}
     counts = np.zeros(256, np.int64)
     rasters: tuple[tuple[PredictionArray, bool], ...] = (("classes", False), ("confidence", True))
     for name, average in rasters:

@@ -18,6 +18,12 @@ integer path that gives the same result.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
+
+from geoseg.arrays import Band
+
+_Index = npt.NDArray[np.int64]
+_Float = npt.NDArray[np.float64]
 
 EPS = 1e-8  # GDAL's tolerance when it turns a window's ends into pixel indices
 AVERAGE_ROWS = 256  # destination rows averaged at a time at ratios other than 2
@@ -37,13 +43,13 @@ def source_level(shapes: list[tuple[int, int]], level: int) -> int:
     return level - 1 if shapes[level - 1][1] > shapes[level][1] else 0
 
 
-def nearest_index(n_src: int, n_dst: int, start: int, stop: int) -> np.ndarray:
+def nearest_index(n_src: int, n_dst: int, start: int, stop: int) -> _Index:
     """Source pixel of destination pixels ``start:stop`` along one axis (NEAREST)."""
     return np.floor(0.5 + np.arange(start, stop, dtype=np.float64) * (n_src / n_dst)).astype(np.int64)
 
 
 def average_window(n_src: int, n_dst: int, start: int, stop: int
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                   ) -> tuple[_Index, _Index, _Float, _Float]:
     """First and end (exclusive) source pixel and the first and last pixel's weights of destination pixels
     ``start:stop`` along one axis (AVERAGE); a one-pixel window weighs 1."""
     r = n_src / n_dst
@@ -68,8 +74,8 @@ def source_span(n_src: int, n_dst: int, start: int, stop: int, average: bool) ->
     return int(idx[0]), int(idx[-1]) + 1
 
 
-def downsample(src: np.ndarray, origin: tuple[int, int], n_src: tuple[int, int], n_dst: tuple[int, int],
-               rows: tuple[int, int], cols: tuple[int, int], average: bool) -> np.ndarray:
+def downsample(src: Band, origin: tuple[int, int], n_src: tuple[int, int], n_dst: tuple[int, int],
+               rows: tuple[int, int], cols: tuple[int, int], average: bool) -> Band:
     """Destination pixels ``rows`` x ``cols`` of the level of shape ``n_dst`` below a level of shape ``n_src``.
 
     ``src`` holds that level's pixels from ``origin`` (row, column) on, at least the :func:`source_span` of
@@ -85,14 +91,15 @@ def downsample(src: np.ndarray, origin: tuple[int, int], n_src: tuple[int, int],
     if not average:
         iy = nearest_index(n_src[0], n_dst[0], r0, r1) - origin[0]
         ix = nearest_index(n_src[1], n_dst[1], c0, c1) - origin[1]
-        return src[np.ix_(iy, ix)]
+        picked: Band = src[np.ix_(iy, ix)]
+        return picked
     # in bands of rows: the weighted sums hold a few float64 copies of their source rows
     return np.concatenate([_average(src, origin, n_src, n_dst, (r, min(r + AVERAGE_ROWS, r1)), cols)
                            for r in range(r0, r1, AVERAGE_ROWS)])
 
 
-def _average(src: np.ndarray, origin: tuple[int, int], n_src: tuple[int, int], n_dst: tuple[int, int],
-             rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+def _average(src: Band, origin: tuple[int, int], n_src: tuple[int, int], n_dst: tuple[int, int],
+             rows: tuple[int, int], cols: tuple[int, int]) -> Band:
     """AVERAGE at any ratio: GDAL's weighted sums, in its order."""
     (r0, r1), (c0, c1) = rows, cols
     ay, by, wy0, wy1 = average_window(n_src[0], n_dst[0], r0, r1)
@@ -110,8 +117,8 @@ def _average(src: np.ndarray, origin: tuple[int, int], n_src: tuple[int, int], n
     return out
 
 
-def _weighted_taps(values: np.ndarray, weights: np.ndarray, a: np.ndarray, b: np.ndarray, first: np.ndarray,
-                   last: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+def _weighted_taps(values: _Float, weights: _Float, a: _Index, b: _Index, first: _Float, last: _Float, axis: int
+                   ) -> tuple[_Float, _Float]:
     """Window sums along ``axis``: first pixel x its weight, then the middle pixels, then the last x its weight.
 
     ``values`` are zero where ``weights`` are (no data is 0), so they need no mask of their own.
@@ -120,7 +127,7 @@ def _weighted_taps(values: np.ndarray, weights: np.ndarray, a: np.ndarray, b: np
     shape = [1, 1]
     shape[axis] = len(a)
 
-    def tap(k: np.ndarray, w: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    def tap(k: _Index, w: _Float | float) -> tuple[_Float, _Float]:
         w = np.reshape(w, shape) if isinstance(w, np.ndarray) else w
         return np.take(values, k, axis=axis) * w, np.take(weights, k, axis=axis) * w
 
@@ -141,14 +148,15 @@ def _weighted_taps(values: np.ndarray, weights: np.ndarray, a: np.ndarray, b: np
 _HALF_UP = np.array([min(int(s / n + 0.5), 255) if n else 0 for s in range(4 * 255 + 1) for n in range(5)], np.uint8)
 
 
-def _average_by_two(quads: np.ndarray) -> np.ndarray:
+def _average_by_two(quads: Band) -> Band:
     """Mean of the non-zero pixels of each 2 x 2 square, rounded half up (0 where all four are 0)."""
     h, w = quads.shape[0] // 2, quads.shape[1] // 2
     q = quads[:2 * h, :2 * w]
     tl, tr, bl, br = q[0::2, 0::2], q[0::2, 1::2], q[1::2, 0::2], q[1::2, 1::2]
     total = tl.astype(np.uint16) + tr + bl + br
     count = (tl != 0).view(np.uint8) + (tr != 0).view(np.uint8) + (bl != 0).view(np.uint8) + (br != 0).view(np.uint8)
-    return _HALF_UP[total * 5 + count]
+    means: Band = _HALF_UP[total * 5 + count]
+    return means
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import fsspec
 import numpy as np
+import numpy.typing as npt
 import rasterio
 
 _FORWARDED_PREFIXES = ("AWS_", "GDAL_", "CPL_", "VSI_")
@@ -86,7 +87,7 @@ def write_bytes(url: str, data: bytes) -> None:
     os.replace(tmp, target)
 
 
-def write_chunk(url: str, data: np.ndarray) -> None:
+def write_chunk(url: str, data: npt.NDArray[Any]) -> None:
     """Write an array's bytes as one file, whole or not at all (a rename locally, one PUT on a store); no fsync:
     a chunk lost in a crash belongs to a tile not yet recorded done, which the rerun rewrites."""
     if is_remote(url):
@@ -97,11 +98,11 @@ def write_chunk(url: str, data: np.ndarray) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        f.write(memoryview(data).cast("B"))
+        f.write(data.data.cast("B"))
     os.replace(tmp, target)
 
 
-def read_chunk(url: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+def read_chunk(url: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> npt.NDArray[Any]:
     """An array of ``dtype`` and ``shape`` from a file of its raw bytes (written by :func:`write_chunk`)."""
     if is_remote(url):
         fs, path = filesystem(url)

@@ -11,7 +11,6 @@ import rasterio
 from geoseg.evaluate import confusion_matrix, evaluate_arrays, evaluate_rasters, format_table
 
 
-
 def from_origin(west: float, north: float, xsize: float, ysize: float) -> rasterio.Affine:
     """North-up transform (rasterio's own helper warns under affine 3)."""
     return rasterio.Affine(xsize, 0, west, 0, -ysize, north)
@@ -52,14 +51,16 @@ def test_nodata_predictions_count_as_errors() -> None:
 
 
 def _write(path: Path, data: np.ndarray, transform: rasterio.Affine, crs: str = "EPSG:32633") -> Path:
-    with rasterio.open(path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0], count=1, dtype=data.dtype, crs=crs, transform=transform) as dst:
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0], count=1, dtype=data.dtype,
+                       crs=crs, transform=transform) as dst:
         dst.write(data, 1)
     return path
 
 
 def test_rasters_on_the_same_grid(tmp_path: Path) -> None:
     t = from_origin(500000, 5600000, 10, 10)
-    r = evaluate_rasters(_write(tmp_path / "classes.tif", PRED.astype(np.uint8), t), _write(tmp_path / "ref.tif", REF.astype(np.float32), t))
+    r = evaluate_rasters(_write(tmp_path / "classes.tif", PRED.astype(np.uint8), t),
+                         _write(tmp_path / "ref.tif", REF.astype(np.float32), t))
     assert not r["reprojected"]
     assert r["overall_accuracy"] == pytest.approx(0.8)
     table = format_table(r)

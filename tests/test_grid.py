@@ -14,8 +14,8 @@ coords = st.floats(-1e6, 1e6, allow_nan=False)
 
 
 @settings(max_examples=200, deadline=None)
-@given(left=coords, bottom=coords, w=st.floats(1, 1e4), h=st.floats(1, 1e4), res=st.sampled_from([0.5, 1.0, 5.0, 10.0, 30.0]),
-       ax=coords, ay=coords)
+@given(left=coords, bottom=coords, w=st.floats(1, 1e4), h=st.floats(1, 1e4),
+       res=st.sampled_from([0.5, 1.0, 5.0, 10.0, 30.0]), ax=coords, ay=coords)
 def test_snapped_grid_covers_bounds_on_the_anchor_lattice(left: float, bottom: float, w: float, h: float, res: float,
                                                           ax: float, ay: float) -> None:
     g = snap_grid((left, bottom, left + w, bottom + h), res, (ax, ay), "EPSG:32633", 256, 32)
@@ -65,7 +65,7 @@ def test_input_boxes_match_input_transforms() -> None:
     g = Grid("EPSG:32633", 10.0, 1000.0, 9000.0, 700, 500, 128, 16)
     tiles = np.array([[0, 0], [2, 3], [3, 5]])
     boxes = g.input_boxes(tiles)
-    for (row, col), (left, bottom, right, top) in zip(tiles, boxes):
+    for (row, col), (left, bottom, right, top) in zip(tiles, boxes, strict=True):
         t = g.input_transform(int(row), int(col))
         assert (left, top) == pytest.approx((t.c, t.f))
         assert (right - left, top - bottom) == pytest.approx((g.input_size * g.res,) * 2)
