@@ -11,10 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
+from geoseg.arrays import ClassMap, Counts, Image
 from geoseg.errors import ConfigError, SceneReadError
 
 HOLDOUT_BLOCKS = ("east", "west", "north", "south")
+Chips = npt.NDArray[np.float32]  # (n, bands, chip, chip) raw values as float, before normalisation
+ChipLabels = npt.NDArray[np.uint8]  # (n, chip, chip) class ids, 0 unlabelled
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,8 @@ class LabelledImage:
     """One training image: raw values (B, H, W) and class ids (H, W) where 0 means unlabelled (ignored)."""
 
     name: str
-    image: np.ndarray
-    label: np.ndarray
+    image: Image
+    label: ClassMap
 
 
 def find_pairs(root: Path, images: str, labels: str, items: tuple[str, ...]) -> list[tuple[Path, Path]]:
@@ -36,7 +40,8 @@ def find_pairs(root: Path, images: str, labels: str, items: tuple[str, ...]) -> 
     for item in items:
         found = sorted(root.glob(images.format(item=item)))
         if not found:
-            raise ConfigError(f"no images match {images.format(item=item)!r} under {root}: check the data root and the item {item!r}")
+            raise ConfigError(f"no images match {images.format(item=item)!r} under {root}: "
+                              f"check the data root and the item {item!r}")
         for image in found:
             label = root / labels.format(item=item, stem=image.stem)
             if not label.is_file():
@@ -45,7 +50,7 @@ def find_pairs(root: Path, images: str, labels: str, items: tuple[str, ...]) -> 
     return pairs
 
 
-def rgb_to_ids(mask: np.ndarray, colours: dict[tuple[int, int, int], int]) -> np.ndarray:
+def rgb_to_ids(mask: npt.NDArray[np.uint8], colours: dict[tuple[int, int, int], int]) -> ClassMap:
     """Colour-coded mask (H, W, 3) -> class ids (H, W) uint8; colours not in the table become 0 (ignored)."""
     codes = (mask[..., 0].astype(np.int32) << 16) | (mask[..., 1].astype(np.int32) << 8) | mask[..., 2].astype(np.int32)
     keys = np.array(sorted((r << 16) | (g << 8) | b for r, g, b in colours), np.int32)
@@ -54,7 +59,7 @@ def rgb_to_ids(mask: np.ndarray, colours: dict[tuple[int, int, int], int]) -> np
     return np.where(keys[pos] == codes, values[pos], 0).astype(np.uint8)
 
 
-def _read_geotiff_pair(image: Path, label: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_geotiff_pair(image: Path, label: Path) -> tuple[Image, ClassMap]:
     import rasterio
 
     with rasterio.open(image) as src:
@@ -62,12 +67,14 @@ def _read_geotiff_pair(image: Path, label: Path) -> tuple[np.ndarray, np.ndarray
     with rasterio.open(label) as src:
         lab = src.read(1)
     if raw.shape[1:] != lab.shape:
-        raise SceneReadError(f"{image} is {raw.shape[1:]} but its labels {label} are {lab.shape}: they must share a grid")
+        raise SceneReadError(f"{image} is {raw.shape[1:]} but its labels {label} are {lab.shape}: "
+                             "they must share a grid")
     lab = np.nan_to_num(lab.astype(np.float64), nan=0.0)
     return raw, np.clip(np.rint(lab), 0, 255).astype(np.uint8)
 
 
-def _read_png_pair(image: Path, label: Path, colours: dict[tuple[int, int, int], int], downsample: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_png_pair(image: Path, label: Path, colours: dict[tuple[int, int, int], int], downsample: int
+                   ) -> tuple[Image, ClassMap]:
     from PIL import Image
 
     with Image.open(image) as im:
@@ -86,12 +93,14 @@ def _read_png_pair(image: Path, label: Path, colours: dict[tuple[int, int, int],
     return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1)), ids
 
 
-def read_pair(image: Path, label: Path, colours: dict[tuple[int, int, int], int] | None = None, downsample: int = 1) -> LabelledImage:
+def read_pair(image: Path, label: Path, colours: dict[tuple[int, int, int], int] | None = None,
+              downsample: int = 1) -> LabelledImage:
     """Read one pair: GeoTIFF image + GeoTIFF labels, or JPEG/PNG image + colour-coded (or id) PNG mask."""
     try:
         if image.suffix.lower() in (".tif", ".tiff"):
             if downsample != 1:
-                raise ConfigError("downsample applies to JPEG/PNG images only; GeoTIFF scenes are read at their own resolution")
+                raise ConfigError("downsample applies to JPEG/PNG images only; "
+                                  "GeoTIFF scenes are read at their own resolution")
             raw, ids = _read_geotiff_pair(image, label)
         else:
             raw, ids = _read_png_pair(image, label, colours or {}, downsample)
@@ -100,10 +109,12 @@ def read_pair(image: Path, label: Path, colours: dict[tuple[int, int, int], int]
     return LabelledImage(name=f"{image.parent.parent.name}/{image.stem}", image=raw, label=ids)
 
 
-def block_slices(shape: tuple[int, int], block: str, fraction: float) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+def block_slices(shape: tuple[int, int], block: str, fraction: float
+                 ) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
     """(held-out block, the rest) as 2-D slices; e.g. "east", 0.25 -> the eastern quarter and the western three."""
     if block not in HOLDOUT_BLOCKS or not 0 < fraction < 1:
-        raise ConfigError(f"hold-out block must be one of {HOLDOUT_BLOCKS} with 0 < fraction < 1, got {block!r}, {fraction}")
+        raise ConfigError(f"hold-out block must be one of {HOLDOUT_BLOCKS} with 0 < fraction < 1, "
+                          f"got {block!r}, {fraction}")
     h, w = shape
     all_ = slice(None)
     if block in ("east", "west"):
@@ -118,15 +129,17 @@ def block_slices(shape: tuple[int, int], block: str, fraction: float) -> tuple[t
 def crop(item: LabelledImage, window: tuple[slice, slice], suffix: str) -> LabelledImage:
     """The part of an image inside a window: hold-out training never sees the block's pixels, not only its labels."""
     rows, cols = window
-    return LabelledImage(f"{item.name}[{suffix}]", np.ascontiguousarray(item.image[:, rows, cols]), np.ascontiguousarray(item.label[rows, cols]))
+    return LabelledImage(f"{item.name}[{suffix}]", np.ascontiguousarray(item.image[:, rows, cols]),
+                         np.ascontiguousarray(item.label[rows, cols]))
 
 
-def class_frequencies(items: list[LabelledImage], class_ids: np.ndarray) -> np.ndarray:
+def class_frequencies(items: list[LabelledImage], class_ids: npt.NDArray[np.uint8]) -> Counts:
     """Labelled pixel count per class, in logits-channel order."""
     counts = np.zeros(256, np.int64)
     for item in items:
         counts += np.bincount(item.label.ravel(), minlength=256)
-    return counts[class_ids]
+    per_class: Counts = counts[class_ids]
+    return per_class
 
 
 class ChipSampler:
@@ -137,7 +150,8 @@ class ChipSampler:
     1 draws every class equally often.
     """
 
-    def __init__(self, items: list[LabelledImage], class_ids: np.ndarray, chip: int, balance: float = 0.5, zoom: float = 1.0) -> None:
+    def __init__(self, items: list[LabelledImage], class_ids: npt.NDArray[np.uint8], chip: int, balance: float = 0.5,
+                 zoom: float = 1.0) -> None:
         if not items:
             raise ConfigError("no training images: check the train items in the config")
         if not 0 <= balance <= 1 or zoom < 1:
@@ -147,9 +161,10 @@ class ChipSampler:
         self.zoom = zoom
         lookup = np.full(256, -1, np.int64)
         lookup[class_ids] = np.arange(len(class_ids))
-        self.where: list[np.ndarray] = []  # per class: (k, 2) of (item index, flat pixel index)
+        self.where: list[npt.NDArray[np.int64]] = []  # per class: (k, 2) of (item index, flat pixel index)
         for k in range(len(class_ids)):
-            parts = [np.stack([np.full(len(flat), i), flat], 1) for i, it in enumerate(self.items) if len(flat := np.flatnonzero(lookup[it.label.ravel()] == k))]
+            parts = [np.stack([np.full(len(flat), i), flat], 1) for i, it in enumerate(self.items)
+                     if len(flat := np.flatnonzero(lookup[it.label.ravel()] == k))]
             self.where.append(np.concatenate(parts) if parts else np.zeros((0, 2), np.int64))
         freq = np.array([len(w) for w in self.where], np.float64)
         if freq.sum() == 0:
@@ -157,7 +172,7 @@ class ChipSampler:
         weights = np.where(freq > 0, np.power(np.maximum(freq, 1), 1 - balance), 0)
         self.class_p = weights / weights.sum()
 
-    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[Chips, ChipLabels]:
         """n chips: images (n, B, chip, chip) float32 in raw units and labels (n, chip, chip) uint8.
 
         With zoom > 1 each chip is cut at a size log-uniform in [chip / zoom, chip * zoom] and resampled to
@@ -183,12 +198,14 @@ class ChipSampler:
         return np.stack(images), np.stack(labels)
 
 
-def _resample(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _resample(image: npt.NDArray[np.float32], label: ClassMap, size: int
+              ) -> tuple[npt.NDArray[np.float32], ClassMap]:
     """A square chip brought to size x size: bilinear with antialiasing for values, nearest for class ids."""
     import torch
     import torch.nn.functional as F
 
-    im = F.interpolate(torch.from_numpy(image)[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0].numpy()
+    im = F.interpolate(torch.from_numpy(image)[None], size=(size, size), mode="bilinear", antialias=True,
+                       align_corners=False)[0].numpy()
     idx = (np.arange(size) + 0.5) * label.shape[0] / size
     idx = np.minimum(idx.astype(np.int64), label.shape[0] - 1)
     return im, label[np.ix_(idx, idx)]
@@ -200,12 +217,14 @@ def _pad_to(item: LabelledImage, size: int) -> LabelledImage:
     ph, pw = max(size - h, 0), max(size - w, 0)
     if not (ph or pw):
         return item
-    return LabelledImage(item.name, np.pad(item.image, ((0, 0), (0, ph), (0, pw)), mode="edge"), np.pad(item.label, ((0, ph), (0, pw))))
+    return LabelledImage(item.name, np.pad(item.image, ((0, 0), (0, ph), (0, pw)), mode="edge"),
+                         np.pad(item.label, ((0, ph), (0, pw))))
 
 
 def augment(
-    images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, brightness: float = 0.0, band_jitter: float = 0.0, offset: float = 0.0
-) -> tuple[np.ndarray, np.ndarray]:
+    images: Chips, labels: ChipLabels, rng: np.random.Generator, brightness: float = 0.0, band_jitter: float = 0.0,
+    offset: float = 0.0
+) -> tuple[Chips, ChipLabels]:
     """Random dihedral transform (flips and 90-degree turns) per chip, a gain in [1-b, 1+b] per chip, one in
     [1-j, 1+j] per band, and an offset in [-o, o] (in raw units) per chip.
 
@@ -224,7 +243,8 @@ def augment(
     if brightness > 0:
         out_i *= rng.uniform(1 - brightness, 1 + brightness, size=(len(images), 1, 1, 1)).astype(out_i.dtype)
     if band_jitter > 0:
-        out_i *= rng.uniform(1 - band_jitter, 1 + band_jitter, size=(len(images), images.shape[1], 1, 1)).astype(out_i.dtype)
+        gains = rng.uniform(1 - band_jitter, 1 + band_jitter, size=(len(images), images.shape[1], 1, 1))
+        out_i *= gains.astype(out_i.dtype)
     if offset > 0:
         out_i += rng.uniform(-offset, offset, size=(len(images), 1, 1, 1)).astype(out_i.dtype)
     return out_i, out_l

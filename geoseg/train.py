@@ -24,7 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from geoseg.datasets import ChipSampler, LabelledImage, augment, band_statistics, block_slices, crop, find_pairs, read_pair
+from geoseg.arrays import ClassMap, Counts, Image
+from geoseg.datasets import (
+    ChipSampler,
+    LabelledImage,
+    augment,
+    band_statistics,
+    block_slices,
+    crop,
+    find_pairs,
+    read_pair,
+)
 from geoseg.errors import CheckpointError, ConfigError
 from geoseg.evaluate import confusion_matrix, format_table, summarise
 from geoseg.model.card import ClassInfo, ModelCard
@@ -69,7 +79,7 @@ class TrainConfig:
     zoom: float = 1.0  # chips cut at up to zoom times (or 1/zoom) the chip size and resampled: scale augmentation
     brightness: float = 0.0  # gain augmentation range (+-), for RGB illumination changes
     band_jitter: float = 0.0  # per-band gain augmentation range (+-), for spectra that shift between dates
-    offset: float = 0.0  # additive augmentation range (+-) in raw units, for processing baselines that differ by a constant
+    offset: float = 0.0  # additive augmentation range (+-) in raw units, for baselines that differ by a constant
     pretrained: str = ""  # shipped model name, geoseg checkpoint or torchvision/timm ResNet state dict
     freeze_encoder_epochs: int = 0  # keep the (pretrained) encoder fixed for this many epochs first
     tile_size: int = 256  # written into the card for inference
@@ -84,8 +94,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not self.images or not self.labels or not self.classes_json or not self.train or not self.validate:
-            raise ConfigError("a training config needs images, labels, classes_json, train and validate; see configs/*.toml")
-        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1 or self.num_workers < 1 or self.cpus_per_worker < 1:
+            raise ConfigError("a training config needs images, labels, classes_json, train and validate; "
+                              "see configs/*.toml")
+        if min(self.epochs, self.steps_per_epoch, self.batch_size, self.num_workers, self.cpus_per_worker) < 1:
             raise ConfigError("epochs, steps_per_epoch, batch_size, num_workers and cpus_per_worker must be >= 1")
         if self.chip % 32:
             raise ConfigError(f"chip must be a multiple of 32 (the encoder's stride), got {self.chip}")
@@ -112,7 +123,7 @@ def load_config(path: str | Path) -> TrainConfig:
     unknown = sorted(set(raw) - set(valid))
     if unknown:
         raise ConfigError(f"unknown keys {unknown} in {path}; valid keys are {sorted(valid)}")
-    values = {k: tuple(str(x) for x in v) if isinstance(v, list) else v for k, v in raw.items()}
+    values: dict[str, Any] = {k: tuple(str(x) for x in v) if isinstance(v, list) else v for k, v in raw.items()}
     return TrainConfig(**values)
 
 
@@ -127,7 +138,7 @@ def _classes_from_json(doc: dict[str, Any]) -> tuple[ClassInfo, ...]:
 def _mask_colours(doc: dict[str, Any]) -> dict[tuple[int, int, int], int]:
     colours = {tuple(c["mask_rgb"]): int(c["id"]) for c in doc["classes"] if "mask_rgb" in c}
     colours.update({tuple(rgb): 0 for rgb in doc.get("ignore_rgb", [])})
-    return colours  # type: ignore[return-value]
+    return colours
 
 
 def prepare_data(config: TrainConfig) -> tuple[ModelCard, list[LabelledImage], list[LabelledImage]]:
@@ -136,23 +147,28 @@ def prepare_data(config: TrainConfig) -> tuple[ModelCard, list[LabelledImage], l
     try:
         doc = json.loads((root / config.classes_json).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read classes_json {root / config.classes_json}: {exc}; set data_root or GEOSEG_DATA") from exc
+        raise ConfigError(f"cannot read classes_json {root / config.classes_json}: {exc}; "
+                          "set data_root or GEOSEG_DATA") from exc
     colours = _mask_colours(doc)
 
     def read(items: tuple[str, ...]) -> list[LabelledImage]:
-        return [read_pair(i, lab, colours, config.downsample) for i, lab in find_pairs(root, config.images, config.labels, items)]
+        return [read_pair(i, lab, colours, config.downsample)
+                for i, lab in find_pairs(root, config.images, config.labels, items)]
 
     train, val = read(config.train), read(config.validate)
     if config.holdout:
-        train = [crop(t, block_slices(t.label.shape, config.holdout, config.holdout_fraction)[1], "rest") for t in train]
-        val = [crop(v, block_slices(v.label.shape, config.holdout, config.holdout_fraction)[0], config.holdout) for v in val]
+        train = [crop(t, block_slices(t.label.shape, config.holdout, config.holdout_fraction)[1], "rest")
+                 for t in train]
+        val = [crop(v, block_slices(v.label.shape, config.holdout, config.holdout_fraction)[0], config.holdout)
+               for v in val]
     dtype = train[0].image.dtype
     if dtype not in (np.uint8, np.uint16):
         raise ConfigError(f"training images are {dtype}; geoseg models take uint8 or uint16 raw values")
     scale = config.scale or float(doc.get("scale", 1 / 255 if dtype == np.uint8 else 1e-4))
     bands = config.bands or tuple(doc["bands"])
     if len(bands) != train[0].image.shape[0]:
-        raise ConfigError(f"images have {train[0].image.shape[0]} bands but {len(bands)} band names are given: set bands")
+        raise ConfigError(f"images have {train[0].image.shape[0]} bands but {len(bands)} band names are given: "
+                          "set bands")
     mean, std = band_statistics(train, scale)
     card = ModelCard(
         name=config.name, version=config.version, architecture=f"unet-{config.encoder}", encoder=config.encoder,
@@ -186,7 +202,8 @@ def class_lookup(card: ModelCard) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_ids(model: nn.Module, card: ModelCard, raw: np.ndarray, tile_size: int | None = None, halo: int | None = None) -> np.ndarray:
+def predict_ids(model: nn.Module, card: ModelCard, raw: Image, tile_size: int | None = None, halo: int | None = None
+                ) -> ClassMap:
     """Class ids (H, W) for a raw image (B, H, W), tiled with the card's tile size and halo as the job does."""
     tile, halo = tile_size or card.tile_size, card.halo if halo is None else halo
     model.eval()
@@ -205,7 +222,7 @@ def predict_ids(model: nn.Module, card: ModelCard, raw: np.ndarray, tile_size: i
     return out
 
 
-def validate(model: nn.Module, card: ModelCard, items: list[LabelledImage]) -> np.ndarray:
+def validate(model: nn.Module, card: ModelCard, items: list[LabelledImage]) -> Counts:
     """Confusion matrix (256 x 256, by class id) of tiled predictions on these labelled images."""
     cm = np.zeros((256, 256), np.int64)
     for item in items:
@@ -246,12 +263,13 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     elif config.pretrained:
         n = load_encoder(model, resolve(config.pretrained), card.bands)
         if rank == 0:
-            print(f"[{config.name}] encoder started from {config.pretrained} ({n} tensors, first conv adapted to {len(card.bands)} bands)", flush=True)
-    model = ray.train.torch.prepare_model(model)
+            print(f"[{config.name}] encoder started from {config.pretrained} ({n} tensors, first conv adapted to "
+                  f"{len(card.bands)} bands)", flush=True)
+    wrapped = ray.train.torch.prepare_model(model)  # DistributedDataParallel with several workers
     device = ray.train.torch.get_device()
     bf16 = device.type == "cuda"  # mixed precision on GPUs; fp32 on CPUs, where bf16 is slower
     torch.backends.cudnn.benchmark = bf16
-    core = getattr(model, "module", model)
+    core = model  # the network itself: prepare_model moved it to the device in place, and wraps it or returns it
     lookup = class_lookup(card).to(device)
     sampler = ChipSampler(train_items, card.class_ids, config.chip, config.balance, config.zoom)
     total = config.epochs * config.steps_per_epoch
@@ -260,7 +278,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         frozen = epoch < config.freeze_encoder_epochs
         rng = np.random.default_rng([config.seed, rank, epoch])
-        model.train()
+        wrapped.train()
         if frozen:
             core.encoder.eval()  # keep pretrained batch-norm statistics while the encoder is fixed
         losses = []
@@ -273,14 +291,15 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             x = torch.from_numpy(card.normalise(chips)).to(device).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(labels).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = masked_loss(model(x), y, lookup)
+                loss = masked_loss(wrapped(x), y, lookup)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)  # loss.backward(), which torch leaves unannotated
             optimizer.step()
             losses.append(loss.item())
             step += 1
             if rank == 0 and (i + 1) % max(1, config.steps_per_epoch // 4) == 0:
-                print(f"[{config.name}] epoch {epoch + 1}/{config.epochs} step {i + 1}/{config.steps_per_epoch} loss {np.mean(losses[-10:]):.4f}", flush=True)
+                print(f"[{config.name}] epoch {epoch + 1}/{config.epochs} step {i + 1}/{config.steps_per_epoch} "
+                      f"loss {np.mean(losses[-10:]):.4f}", flush=True)
         train_s = time.perf_counter() - t0
         cm = validate(core, card, val_items[rank::world])
         if world > 1:
@@ -290,7 +309,8 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         val = summarise(cm, 0)
         best = max(best, val["miou"])
         metrics = {
-            "epoch": epoch, "first_epoch": start_epoch, "step": step, "train_loss": float(np.mean(losses)), "train_s": train_s,
+            "epoch": epoch, "first_epoch": start_epoch, "step": step, "train_loss": float(np.mean(losses)),
+            "train_s": train_s,
             "val_miou": val["miou"], "val_oa": val["overall_accuracy"], "best_val_miou": best,
             **{f"val_iou_{k}": v for k, v in val["iou"].items() if v is not None},
         }
@@ -298,7 +318,8 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             print(
                 f"[{config.name}] epoch {epoch + 1}/{config.epochs} loss {metrics['train_loss']:.4f} "
                 f"val mIoU {val['miou']:.4f} OA {val['overall_accuracy']:.4f} (best {best:.4f}) "
-                f"train {train_s:.0f}s val {time.perf_counter() - t0 - train_s:.0f}s" + (" [encoder frozen]" if frozen else ""),
+                f"train {train_s:.0f}s val {time.perf_counter() - t0 - train_s:.0f}s"
+                + (" [encoder frozen]" if frozen else ""),
                 flush=True,
             )
             with tempfile.TemporaryDirectory() as d:
@@ -306,7 +327,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
                     "epoch": epoch, "step": step, "best": best, "optimizer": optimizer.state_dict(),
                     "metrics": json.dumps(metrics), "config": json.dumps(cfg["config"]),
                 }
-                save_checkpoint(Path(d) / "model.pt", card, model, extra)
+                save_checkpoint(Path(d) / "model.pt", card, wrapped, extra)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)
@@ -327,7 +348,8 @@ def _checkpoints(run_dir: Path, config: TrainConfig) -> list[tuple[Path, dict[st
         theirs = {k: v for k, v in json.loads(raw["extra"].get("config", "{}")).items() if k not in _RESUMABLE}
         if theirs != ours:
             changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-            raise ConfigError(f"{run_dir} holds a run made with other settings ({', '.join(changed)}): set resume = false to start over, or another out")
+            raise ConfigError(f"{run_dir} holds a run made with other settings ({', '.join(changed)}): "
+                              "set resume = false to start over, or another out")
         found.append((pt, json.loads(raw["extra"]["metrics"])))
     return sorted(found, key=lambda pm: pm[1]["epoch"])
 
@@ -356,26 +378,32 @@ def train(config: TrainConfig) -> Path:
         shutil.rmtree(run_dir)
     previous = _checkpoints(run_dir, config)
     print(f"[{config.name}] {len(train_items)} training and {len(val_items)} validation images; "
-          f"{config.epochs} epochs x {config.steps_per_epoch} steps x {config.batch_size} chips of {config.chip} px on {config.num_workers} worker(s)", flush=True)
+          f"{config.epochs} epochs x {config.steps_per_epoch} steps x {config.batch_size} chips of {config.chip} px "
+          f"on {config.num_workers} worker(s)", flush=True)
     if previous:
-        print(f"[{config.name}] resuming after epoch {previous[-1][1]['epoch'] + 1} from {previous[-1][0].parent}", flush=True)
+        print(f"[{config.name}] resuming after epoch {previous[-1][1]['epoch'] + 1} from {previous[-1][0].parent}",
+              flush=True)
     if not previous or previous[-1][1]["epoch"] + 1 < config.epochs:
         _init_ray(config)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         use_gpu = gpus >= config.num_workers if config.use_gpu is None else config.use_gpu
         if use_gpu and gpus < config.num_workers:
-            raise ConfigError(f"training asks for {config.num_workers} GPU worker(s) but the Ray cluster has {gpus} GPU(s): "
+            raise ConfigError(f"training asks for {config.num_workers} GPU worker(s) but the Ray cluster has "
+                              f"{gpus} GPU(s): "
                               "drop --gpus / use_gpu, or lower it to the GPUs the cluster has")
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={
-                "config": asdict(config), "card": card.to_dict(), "train": ray.put(train_items), "val": ray.put(val_items),
+                "config": asdict(config), "card": card.to_dict(), "train": ray.put(train_items),
+                "val": ray.put(val_items),
                 "resume_dir": str(previous[-1][0].parent) if previous else "",
             },
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}),
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": config.cpus_per_worker}),
             run_config=RunConfig(
                 name=config.name, storage_path=str(out / "ray"),
-                checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"),
+                checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_miou",
+                                                   checkpoint_score_order="max"),
                 failure_config=FailureConfig(max_failures=2),
             ),
         )
@@ -395,7 +423,8 @@ def train(config: TrainConfig) -> Path:
 def train_from_config(path: str | Path, gpus: int = 0) -> Path:
     """`geoseg train --config FILE [--gpus N]`: train the model the file describes; returns the written checkpoint.
 
-    `gpus` > 0 trains on that many GPU workers instead of the file's workers, so one file serves a laptop and a GPU cluster.
+    `gpus` > 0 trains on that many GPU workers instead of the file's workers, so one file serves a laptop and a GPU
+    cluster.
     """
     config = load_config(path)
     if gpus:

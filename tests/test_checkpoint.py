@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from geoseg.errors import CheckpointError
-from geoseg.model.card import ClassInfo, ModelCard
 from geoseg.model import SHIPPED
+from geoseg.model.card import ClassInfo, ModelCard
 from geoseg.model.checkpoint import load_card, load_model, save_checkpoint
 from geoseg.model.pretrained import adapt_first_conv, load_encoder
 from geoseg.model.unet import build_unet
@@ -99,7 +99,8 @@ def test_loading_never_unpickles_code(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(("name", "bands", "n_classes"), [("sentinel2-lulc", S2, 10), ("aerial-rgb", ("red", "green", "blue"), 5)])
+@pytest.mark.parametrize(("name", "bands", "n_classes"),
+                         [("sentinel2-lulc", S2, 10), ("aerial-rgb", ("red", "green", "blue"), 5)])
 def test_shipped_models_load_and_predict(name: str, bands: tuple[str, ...], n_classes: int) -> None:
     assert SHIPPED[name].is_file()
     card, model = load_model(name)

@@ -19,16 +19,19 @@ from geoseg.datasets import (
 )
 from geoseg.errors import ConfigError
 
-COLOURS = {(60, 16, 152): 1, (132, 41, 246): 2, (110, 193, 228): 3, (254, 221, 58): 4, (226, 169, 41): 5, (155, 155, 155): 0, (0, 0, 0): 0}
+COLOURS = {(60, 16, 152): 1, (132, 41, 246): 2, (110, 193, 228): 3, (254, 221, 58): 4, (226, 169, 41): 5,
+           (155, 155, 155): 0, (0, 0, 0): 0}
 
 
 def test_rgb_to_ids_maps_known_colours_and_ignores_the_rest() -> None:
-    mask = np.array([[[60, 16, 152], [226, 169, 41], [1, 2, 3]], [[155, 155, 155], [132, 41, 246], [254, 221, 58]]], np.uint8)
+    mask = np.array([[[60, 16, 152], [226, 169, 41], [1, 2, 3]],
+                     [[155, 155, 155], [132, 41, 246], [254, 221, 58]]], np.uint8)
     assert rgb_to_ids(mask, COLOURS).tolist() == [[1, 5, 0], [0, 2, 4]]
 
 
 def test_sentinel2_pairs_are_found_and_read(data_dir: Path) -> None:
-    pairs = find_pairs(data_dir, "sentinel2_strzegom/scenes/strzegom_{item}_33u.tif", "sentinel2_strzegom/labels/{stem}.tif", ("20230530",))
+    pairs = find_pairs(data_dir, "sentinel2_strzegom/scenes/strzegom_{item}_33u.tif",
+                       "sentinel2_strzegom/labels/{stem}.tif", ("20230530",))
     item = read_pair(*pairs[0])
     assert item.image.shape == (10, 401, 401) and item.image.dtype == np.uint16
     assert item.label.dtype == np.uint8 and set(np.unique(item.label)) <= set(range(11))
@@ -39,12 +42,14 @@ def test_sentinel2_pairs_are_found_and_read(data_dir: Path) -> None:
 
 def test_missing_items_say_what_to_check(data_dir: Path) -> None:
     with pytest.raises(ConfigError, match="item '19990101'"):
-        find_pairs(data_dir, "sentinel2_strzegom/scenes/strzegom_{item}_33u.tif", "sentinel2_strzegom/labels/{stem}.tif", ("19990101",))
+        find_pairs(data_dir, "sentinel2_strzegom/scenes/strzegom_{item}_33u.tif",
+                   "sentinel2_strzegom/labels/{stem}.tif", ("19990101",))
 
 
 def test_paletted_masks_are_converted_to_rgb_before_mapping(data_dir: Path) -> None:
     """Tile 2's masks are paletted; read as indices they would map to nothing."""
-    pairs = find_pairs(data_dir, "aerial_dubai/tile_{item}/images/*.jpg", "aerial_dubai/tile_{item}/masks/{stem}.png", ("2",))
+    pairs = find_pairs(data_dir, "aerial_dubai/tile_{item}/images/*.jpg", "aerial_dubai/tile_{item}/masks/{stem}.png",
+                       ("2",))
     assert len(pairs) == 9
     item = read_pair(*pairs[0], colours=COLOURS)
     assert item.image.shape[0] == 3 and item.image.dtype == np.uint8
@@ -53,7 +58,8 @@ def test_paletted_masks_are_converted_to_rgb_before_mapping(data_dir: Path) -> N
 
 
 def test_downsample_halves_image_and_mask_together(data_dir: Path) -> None:
-    pairs = find_pairs(data_dir, "aerial_dubai/tile_{item}/images/*.jpg", "aerial_dubai/tile_{item}/masks/{stem}.png", ("1",))
+    pairs = find_pairs(data_dir, "aerial_dubai/tile_{item}/images/*.jpg", "aerial_dubai/tile_{item}/masks/{stem}.png",
+                       ("1",))
     full = read_pair(*pairs[0], colours=COLOURS)
     half = read_pair(*pairs[0], colours=COLOURS, downsample=2)
     assert half.image.shape == (3, full.image.shape[1] // 2, full.image.shape[2] // 2)
@@ -96,7 +102,8 @@ def test_chips_always_hold_labelled_pixels_and_rare_classes_are_drawn_more() -> 
 
 
 def test_chips_larger_than_the_image_are_padded_unlabelled() -> None:
-    images, labels = ChipSampler([_toy(24, 20)], np.array([1, 2], np.uint8), chip=32).sample(np.random.default_rng(1), 3)
+    sampler = ChipSampler([_toy(24, 20)], np.array([1, 2], np.uint8), chip=32)
+    images, labels = sampler.sample(np.random.default_rng(1), 3)
     assert images.shape == (3, 3, 32, 32)
     assert (labels[:, 24:, :] == 0).all() and (labels[:, :, 20:] == 0).all()
 
@@ -113,14 +120,16 @@ def test_augmentation_keeps_image_and_label_aligned() -> None:
 
 
 def test_band_jitter_scales_each_band_separately() -> None:
-    out, _ = augment(np.ones((50, 4, 2, 2), np.float32), np.zeros((50, 2, 2), np.uint8), np.random.default_rng(2), band_jitter=0.1)
+    out, _ = augment(np.ones((50, 4, 2, 2), np.float32), np.zeros((50, 2, 2), np.uint8), np.random.default_rng(2),
+                     band_jitter=0.1)
     gains = out[:, :, 0, 0]
     assert 0.9 <= gains.min() and gains.max() <= 1.1
     assert (gains.std(axis=1) > 0.01).mean() > 0.9  # bands of one chip get different gains
 
 
 def test_offset_shifts_whole_chips_by_one_constant() -> None:
-    out, _ = augment(np.zeros((50, 3, 2, 2), np.float32), np.zeros((50, 2, 2), np.uint8), np.random.default_rng(3), offset=1000)
+    out, _ = augment(np.zeros((50, 3, 2, 2), np.float32), np.zeros((50, 2, 2), np.uint8), np.random.default_rng(3),
+                     offset=1000)
     per_chip = out.reshape(50, -1)
     assert (per_chip == per_chip[:, :1]).all() and np.abs(per_chip).max() <= 1000 and per_chip.std() > 300
 
@@ -131,7 +140,8 @@ def test_zoomed_chips_keep_image_and_label_aligned() -> None:
     label[:, 48:] = 1
     label[40:56, :] = 2
     item = LabelledImage("stripes", np.stack([label, label]).astype(np.uint16) * 100, label)
-    images, labels = ChipSampler([item], np.array([1, 2], np.uint8), chip=32, zoom=2.0).sample(np.random.default_rng(4), 30)
+    sampler = ChipSampler([item], np.array([1, 2], np.uint8), chip=32, zoom=2.0)
+    images, labels = sampler.sample(np.random.default_rng(4), 30)
     assert images.shape == (30, 2, 32, 32) and images.dtype == np.float32
     agree = np.abs(images[:, 0] - labels * 100.0) < 1
     assert agree.mean() > 0.9  # bilinear blends only along class edges

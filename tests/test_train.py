@@ -13,7 +13,16 @@ import torch
 from geoseg.errors import ConfigError
 from geoseg.model.card import ClassInfo
 from geoseg.model.checkpoint import load_card, load_model, read_checkpoint
-from geoseg.train import TrainConfig, class_lookup, load_config, lr_at, masked_loss, predict_ids, train, train_from_config
+from geoseg.train import (
+    TrainConfig,
+    class_lookup,
+    load_config,
+    lr_at,
+    masked_loss,
+    predict_ids,
+    train,
+    train_from_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -48,13 +57,15 @@ def test_learning_rate_warms_up_then_decays() -> None:
     assert lrs[0] < lrs[4] == 1.0 and lrs[-1] < 0.02 and all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
 
 
-def test_short_real_training_run_learns_resumes_loads_and_fine_tunes(data_dir: Path, ray_session: None, tmp_path: Path) -> None:
+def test_short_real_training_run_learns_resumes_loads_and_fine_tunes(data_dir: Path, ray_session: None,
+                                                                      tmp_path: Path) -> None:
     """Two epochs on real Strzegom chips through Ray Train, east quarter held out; then one more epoch resumed."""
     base = dict(
         name="tiny", data_root=str(data_dir), images="sentinel2_strzegom/scenes/strzegom_{item}_33u.tif",
         labels="sentinel2_strzegom/labels/{stem}.tif", classes_json="sentinel2_strzegom/classes.json",
         train=("20220719",), validate=("20220719",), holdout="east", width=8, chip=64, batch_size=8,
-        steps_per_epoch=12, lr=0.01, out=str(tmp_path / "run"), training_data=("Strzegom test chips (licence not stated)",),
+        steps_per_epoch=12, lr=0.01, out=str(tmp_path / "run"),
+        training_data=("Strzegom test chips (licence not stated)",),
     )
     path = train(TrainConfig(**base, epochs=2))  # type: ignore[arg-type]
     runs = sorted((tmp_path / "run" / "ray" / "tiny").glob("checkpoint_*/model.pt"))
@@ -70,16 +81,20 @@ def test_short_real_training_run_learns_resumes_loads_and_fine_tunes(data_dir: P
     assert ids.shape == (70, 90) and set(np.unique(ids)) <= set(range(1, 11))
 
     train(TrainConfig(**base, epochs=3))  # type: ignore[arg-type]
-    last = max((json.loads(read_checkpoint(p)["extra"]["metrics"]) for p in runs[0].parent.parent.glob("checkpoint_*/model.pt")), key=lambda m: m["epoch"])
+    last = max((json.loads(read_checkpoint(p)["extra"]["metrics"])
+                for p in runs[0].parent.parent.glob("checkpoint_*/model.pt")), key=lambda m: m["epoch"])
     assert (last["epoch"], last["first_epoch"]) == (2, 2)  # continued with the third epoch rather than starting over
     with pytest.raises(ConfigError, match="other settings \\(width\\)"):
         train(TrainConfig(**{**base, "width": 4}, epochs=4))  # type: ignore[arg-type]
 
     # fine-tune from that model: the encoder stays exactly as loaded while frozen, then moves
-    tuned = {**base, "name": "tuned", "out": str(tmp_path / "tuned"), "pretrained": str(path), "freeze_encoder_epochs": 1, "steps_per_epoch": 4}
+    tuned = {**base, "name": "tuned", "out": str(tmp_path / "tuned"), "pretrained": str(path),
+             "freeze_encoder_epochs": 1, "steps_per_epoch": 4}
     train(TrainConfig(**tuned, epochs=2))  # type: ignore[arg-type]
     source = {k: v for k, v in read_checkpoint(path)["state_dict"].items() if k.startswith("encoder.")}
-    by_epoch = {json.loads(raw["extra"]["metrics"])["epoch"]: raw["state_dict"] for raw in map(read_checkpoint, (tmp_path / "tuned" / "ray" / "tuned").glob("checkpoint_*/model.pt"))}
+    tuned_checkpoints = (tmp_path / "tuned" / "ray" / "tuned").glob("checkpoint_*/model.pt")
+    by_epoch = {json.loads(raw["extra"]["metrics"])["epoch"]: raw["state_dict"]
+                for raw in map(read_checkpoint, tuned_checkpoints)}
     assert all(torch.equal(by_epoch[0][k], v) for k, v in source.items())
     assert not torch.equal(by_epoch[1]["encoder.layer1.0.conv1.weight"], source["encoder.layer1.0.conv1.weight"])
     assert not torch.equal(by_epoch[0]["head.weight"], read_checkpoint(path)["state_dict"]["head.weight"])

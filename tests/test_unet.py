@@ -10,7 +10,8 @@ from geoseg.model.unet import build_unet
 
 
 @pytest.mark.parametrize("encoder", ["resnet18", "resnet34"])
-@pytest.mark.parametrize(("bands", "classes", "h", "w"), [(10, 10, 131, 77), (3, 5, 64, 64), (1, 2, 33, 1), (4, 7, 5, 200)])
+@pytest.mark.parametrize(("bands", "classes", "h", "w"),
+                         [(10, 10, 131, 77), (3, 5, 64, 64), (1, 2, 33, 1), (4, 7, 5, 200)])
 def test_logits_have_the_input_size_for_odd_sizes(encoder: str, bands: int, classes: int, h: int, w: int) -> None:
     model = build_unet(bands, classes, encoder, width=4).eval()
     with torch.no_grad():

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from geoseg.arrays import Image
 from geoseg.errors import CheckpointError
 
 _COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
@@ -53,7 +55,7 @@ class ModelCard:
                 "save checkpoints with geoseg.model.checkpoint.save_checkpoint (or `geoseg train`)"
             )
 
-    def normalise(self, raw: np.ndarray) -> np.ndarray:
+    def normalise(self, raw: Image) -> npt.NDArray[np.float32]:
         """Raw scene values (..., B, H, W) -> float32 model input, so every caller scales exactly as training did."""
         if raw.ndim < 3 or raw.shape[-3] != len(self.bands):
             raise CheckpointError(
@@ -64,7 +66,7 @@ class ModelCard:
         return ((raw.astype(np.float32) * np.float32(self.scale)) - mean) / std
 
     @property
-    def class_ids(self) -> np.ndarray:
+    def class_ids(self) -> npt.NDArray[np.uint8]:
         """Lookup table: logits channel k -> class id written to classes.tif."""
         return np.array([c.id for c in self.classes], np.uint8)
 
@@ -89,7 +91,8 @@ class ModelCard:
                 "re-save the checkpoint with geoseg.model.checkpoint.save_checkpoint"
             )
         try:
-            classes = tuple(ClassInfo(id=int(c["id"]), name=str(c["name"]), color=str(c["color"])) for c in d["classes"])
+            classes = tuple(ClassInfo(id=int(c["id"]), name=str(c["name"]), color=str(c["color"]))
+                            for c in d["classes"])
             return cls(
                 name=str(d["name"]),
                 version=str(d["version"]),
@@ -111,7 +114,8 @@ class ModelCard:
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"model card has a field of the wrong type ({exc!r}); re-save it with geoseg train") from exc
+            raise CheckpointError(f"model card has a field of the wrong type ({exc!r}); "
+                                  "re-save it with geoseg train") from exc
 
 
 def _problems(card: ModelCard) -> list[str]:

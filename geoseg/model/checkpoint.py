@@ -30,7 +30,8 @@ def resolve(name_or_path: str | Path) -> Path:
     if isinstance(name_or_path, str) and name_or_path in SHIPPED:
         path = SHIPPED[name_or_path]
         if not path.exists():
-            raise CheckpointError(f"shipped model {name_or_path!r} is missing from this install ({path}); reinstall geoseg")
+            raise CheckpointError(f"shipped model {name_or_path!r} is missing from this install ({path}); "
+                                  "reinstall geoseg")
         return path
     path = Path(name_or_path)
     if not path.is_file():
@@ -44,14 +45,16 @@ def read_checkpoint(name_or_path: str | Path, mmap: bool = False) -> dict[str, A
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for foreign files; all mean the same to the caller
-        raise CheckpointError(f"{path} is not a geoseg checkpoint (cannot be read as one: {exc.__class__.__name__}); {_WHAT_TO_PASS}") from exc
+        raise CheckpointError(f"{path} is not a geoseg checkpoint (cannot be read as one: "
+                              f"{exc.__class__.__name__}); {_WHAT_TO_PASS}") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         hint = ""
         if isinstance(raw, dict) and any(k.startswith(("conv1.", "layer1.")) for k in raw):
             hint = " It looks like a plain ResNet state dict: give it as `pretrained` in a training config instead."
         raise CheckpointError(f"{path} is not a geoseg checkpoint (no '{FORMAT}' marker); {_WHAT_TO_PASS}.{hint}")
     if raw.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {raw.get('format_version')}, this geoseg reads {FORMAT_VERSION}; upgrade geoseg")
+        raise CheckpointError(f"{path} has checkpoint format version {raw.get('format_version')}, "
+                              f"this geoseg reads {FORMAT_VERSION}; upgrade geoseg")
     return raw
 
 
@@ -80,7 +83,8 @@ def load_model(name_or_path: str | Path, device: str = "cpu") -> tuple[ModelCard
     try:
         model.load_state_dict(raw["state_dict"])
     except (KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{name_or_path}: weights do not fit the architecture its card describes ({exc}); {_WHAT_TO_PASS}") from exc
+        raise CheckpointError(f"{name_or_path}: weights do not fit the architecture its card describes ({exc}); "
+                              f"{_WHAT_TO_PASS}") from exc
     return card, model.to(device).eval()
 
 

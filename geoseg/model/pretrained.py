@@ -29,7 +29,8 @@ _ALIASES = {
 def adapt_first_conv(weight: torch.Tensor, src_bands: tuple[str, ...], dst_bands: tuple[str, ...]) -> torch.Tensor:
     """Pretrained first-conv weight (out, len(src), k, k) -> (out, len(dst), k, k), matching bands by meaning."""
     if weight.shape[1] != len(src_bands):
-        raise CheckpointError(f"first conv has {weight.shape[1]} input channels but {len(src_bands)} source band names were given")
+        raise CheckpointError(f"first conv has {weight.shape[1]} input channels but {len(src_bands)} source band "
+                              "names were given")
     if tuple(src_bands) == tuple(dst_bands):
         return weight.clone()
     src = {_ALIASES.get(b.lower(), b.lower()): i for i, b in enumerate(src_bands)}
@@ -50,7 +51,8 @@ def read_encoder_state(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple
     try:
         raw = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # foreign files raise many types
-        raise CheckpointError(f"cannot read pretrained weights from {path} ({exc.__class__.__name__}); pass a ResNet state dict saved with torch.save or a geoseg checkpoint") from exc
+        raise CheckpointError(f"cannot read pretrained weights from {path} ({exc.__class__.__name__}); pass a ResNet "
+                              "state dict saved with torch.save or a geoseg checkpoint") from exc
     if isinstance(raw, dict) and raw.get("format") == "geoseg-checkpoint":
         card = ModelCard.from_dict(json.loads(raw["card"]))
         prefix = "encoder."
@@ -60,7 +62,8 @@ def read_encoder_state(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple
         for key in ("state_dict", "model"):
             if isinstance(raw.get(key), dict):
                 raw = raw[key]
-        state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+        state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in raw.items()
+                 if isinstance(v, torch.Tensor)}
         if "conv1.weight" in state:
             return {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}, RGB
     raise CheckpointError(f"{path} holds neither a geoseg checkpoint nor a ResNet state dict with 'conv1.weight'")
@@ -80,7 +83,8 @@ def load_encoder(model: UNet, path: str | Path, bands: tuple[str, ...]) -> int:
     if missing or wrong:
         width = state["conv1.weight"].shape[0]
         raise CheckpointError(
-            f"pretrained encoder in {path} does not fit this model (missing {missing[:3]}..., wrong shapes {wrong[:3]}...); "
+            f"pretrained encoder in {path} does not fit this model (missing {missing[:3]}..., "
+            f"wrong shapes {wrong[:3]}...); "
             f"it has width {width}: set width = {width} and the same encoder depth in the training config"
         )
     model.encoder.load_state_dict({k: state[k] for k in target})

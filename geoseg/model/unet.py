@@ -34,7 +34,8 @@ class BasicBlock(nn.Module):
         """Residual update of x."""
         identity = x if self.downsample is None else self.downsample(x)
         y = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(y)) + identity)
+        out: torch.Tensor = self.relu(self.bn2(self.conv2(y)) + identity)
+        return out
 
 
 class ResNetEncoder(nn.Module):
@@ -54,7 +55,8 @@ class ResNetEncoder(nn.Module):
         for i, n in enumerate(BLOCKS[encoder]):
             cout = width * 2**i
             stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(*[BasicBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1) for j in range(n)]))
+            blocks = [BasicBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1) for j in range(n)]
+            stages.append(nn.Sequential(*blocks))
             cin = cout
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
 
@@ -82,7 +84,8 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """Merge coarse context with the finer skip."""
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return self.block(torch.cat([x, skip], dim=1))
+        out: torch.Tensor = self.block(torch.cat([x, skip], dim=1))
+        return out
 
 
 class UNet(nn.Module):
@@ -95,7 +98,8 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, encoder: str = "resnet18", width: int = 64) -> None:
         super().__init__()
         if in_channels < 1 or num_classes < 1 or width < 2:
-            raise ConfigError(f"need in_channels, num_classes >= 1 and width >= 2, got {in_channels}, {num_classes}, {width}")
+            raise ConfigError(f"need in_channels, num_classes >= 1 and width >= 2, "
+                              f"got {in_channels}, {num_classes}, {width}")
         self.encoder = ResNetEncoder(in_channels, encoder, width)
         c1, c2, c3, c4, c5 = self.encoder.channels
         self.full = _conv_bn_relu(in_channels, max(width // 2, 1))  # a full-resolution skip keeps edges sharp
@@ -119,9 +123,13 @@ class UNet(nn.Module):
         y = self.up2(y, f2)
         y = self.up1(y, f1)
         y = self.up0(y, self.full(x))
-        return self.head(y)[..., :h, :w]
+        logits: torch.Tensor = self.head(y)[..., :h, :w]
+        return logits
 
 
 def build_unet(in_channels: int, num_classes: int, encoder: str = "resnet18", width: int = 64) -> UNet:
     """A fresh U-Net in channels_last layout, the layout oneDNN convolutions are fastest in on CPU."""
-    return UNet(in_channels, num_classes, encoder, width).to(memory_format=torch.channels_last)
+    model = UNet(in_channels, num_classes, encoder, width)
+    # in place; Module.to takes memory_format at run time, but torch's overloads of it leave that out
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
