@@ -90,18 +90,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
+    from geoseg.cluster import connect
     from geoseg.mosaic import mosaic
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="geoseg-bench-mosaic-"))
     card, predictions = real_predictions()
     run_dir = str(workdir / "run")
     grid = write_predictions(run_dir, card, predictions, args.size, args.size)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="gsb-ray-", dir="/tmp"))
+    connect(num_cpus=os.cpu_count(), temp_dir=tempfile.mkdtemp(prefix="gsb-ray-", dir="/tmp"))
     tags = {"GEOSEG_RUN_ID": "bench", "GEOSEG_MODEL": f"{card.name} {card.version}"}
     mosaic(run_dir, grid, card, tags)
     seconds = []

@@ -62,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -154,14 +155,12 @@ def child_geoseg(p: dict[str, Any]) -> dict[str, Any]:
     t_start = time.time()
     local = p["ray_address"] is None
     if local:
-        os.environ["RAY_AUTH_MODE"] = "disabled"
         os.environ.setdefault("RAY_worker_niceness", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from geoseg import runtime, storage
+    from geoseg import runtime
+    from geoseg.cluster import connect
     from geoseg.config import ExecutionSettings, RunConfig
-    from geoseg.ledger import Ledger
     from geoseg.plan import load_plan
 
     private = _PrivatePeak()
@@ -170,62 +169,59 @@ def child_geoseg(p: dict[str, Any]) -> dict[str, Any]:
         """This process's CPU seconds, all threads (Ray's core worker's too) but the benchmark's sampler."""
         return time.process_time() - private.cpu_s
 
-    stamps: list[tuple[float, float]] = []  # (monotonic s, driver CPU s) per tile recorded done
-    mark_done = Ledger.mark_done
+    class Stamps(runtime.Observer):
+        """Per tile recorded done: (monotonic s, driver CPU s); per stage: the driver's own peak private memory
+        when it ended (which stage grows), and the wall clock when the class raster was written."""
 
-    def timed_mark_done(self: Ledger, tile_id: int) -> None:
-        stamps.append((time.monotonic(), driver_cpu_s()))
-        mark_done(self, tile_id)
+        def __init__(self) -> None:
+            self.stamps: list[tuple[float, float]] = []
+            self.peak_after: dict[str, float] = {}
+            self.raster_at: list[float] = []
 
-    Ledger.mark_done = timed_mark_done  # type: ignore[method-assign]
-    peak_after: dict[str, float] = {}  # the driver's own peak private memory when each stage ended: which stage grows
-    raster_at: list[float] = []  # wall clock when the class raster was written
-    mosaic = runtime.mosaic
+        def tiles_done(self, tile_ids: list[int]) -> None:
+            stamp = (time.monotonic(), driver_cpu_s())
+            self.stamps += [stamp] * len(tile_ids)
 
-    def timed_mosaic(*a: Any, **kw: Any) -> Any:
-        peak_after["tiles"] = private.peak
-        out = mosaic(*a, **kw)
-        raster_at.append(time.time())
-        peak_after["mosaic"] = private.peak
-        return out
+        def stage_done(self, stage: str) -> None:
+            self.peak_after[stage] = private.peak
+            if stage == "mosaic":
+                self.raster_at.append(time.time())
 
-    runtime.mosaic = timed_mosaic  # type: ignore[attr-defined]
-
+    observer = Stamps()
     t_imported = time.time()
-    env: dict[str, Any] = {"env_vars": storage.forwarded_env()}
+    env_vars: dict[str, str] = {}
+    hook = None
     if p.get("standin"):  # --driver: every worker of this run builds the stand-in for its card (bench/_standin.py)
         here = str(Path(__file__).resolve().parent)
-        env["env_vars"]["PYTHONPATH"] = os.pathsep.join(filter(None, (here, os.environ.get("PYTHONPATH"))))
-        env["worker_process_setup_hook"] = "_standin.install"
-    if local:
-        ray.init(num_cpus=os.cpu_count(), log_to_driver=False, runtime_env=env,
-                 _temp_dir=tempfile.mkdtemp(prefix="gsb-ray-", dir="/tmp"), **runtime.LOCAL_RAY)  # as geoseg starts it
-    else:
-        ray.init(address=p["ray_address"], log_to_driver=False, runtime_env=env)
+        env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, (here, os.environ.get("PYTHONPATH"))))
+        hook = "_standin.install"
+    # as geoseg starts or joins Ray, with this run's files in a temp dir of its own
+    connect(p["ray_address"], num_cpus=os.cpu_count() if local else None, env_vars=env_vars, setup_hook=hook,
+            temp_dir=tempfile.mkdtemp(prefix="gsb-ray-", dir="/tmp") if local else None)
     t_ray = time.time()
     idle_from = driver_cpu_s()
     time.sleep(p.get("idle_probe_s", 0.0))  # the driver's CPU while it waits: Ray's per-second background
     idle_cpu_s = driver_cpu_s() - idle_from
     launched_mono = time.monotonic() - (time.time() - p["t_launch"])
     load_before = os.getloadavg()
-    result = runtime.run(RunConfig(scenes=(p["scene"],), out=p["run_dir"], model=p.get("model"),
-                                   tile_size=p.get("tile_size"), halo=p.get("halo"), batch_size=p["batch_size"]),
+    report = runtime.run(RunConfig(scenes=(p["scene"],), out=p["run_dir"], model=p.get("model"),
+                                   tile_size=p.get("tile_size"), halo=p.get("halo")),
                          ExecutionSettings(ray_address=p["ray_address"], use_gpu=True if p["gpu"] else None,
-                                           actor_cpus=p.get("actor_cpus"), progress=False), overwrite=True)
+                                           actor_cpus=p.get("actor_cpus"), batch_size=p["batch_size"],
+                                           progress=False), overwrite=True, observer=observer)
     t_done = time.time()
-    peak_after["vectorise"] = private.peak
     plan = load_plan(p["run_dir"])
     g = plan.grid
     core_px = sum((r.stop - r.start) * (c.stop - c.start) for r, c in (g.core_window(int(a), int(b)) for a, b in plan.tiles))
-    ex = result.report["execution"]
+    ex = asdict(report)["execution"]
     out: dict[str, Any] = {
-        "report": result.report, "exit_code": result.exit_code, "tiles": plan.tile_count, "core_px": core_px,
+        "report": asdict(report), "complete": report.complete, "tiles": plan.tile_count, "core_px": core_px,
         "grid": {"width": g.width, "height": g.height, "tile_size": g.tile_size, "halo": g.halo},
-        "stamps": sorted(stamps), "launched_mono": launched_mono,
+        "stamps": sorted(observer.stamps), "launched_mono": launched_mono,
         "imports_s": t_imported - t_start, "ray_start_s": t_ray - t_imported, "idle_cpu_s": idle_cpu_s,
-        "to_raster_s": raster_at[0] - p["t_launch"], "whole_run_s": t_done - p["t_launch"],
+        "to_raster_s": observer.raster_at[0] - p["t_launch"], "whole_run_s": t_done - p["t_launch"],
         "loadavg_run": [load_before, os.getloadavg()], "driver_peak_mib_own": _peak_rss_mib(),
-        "driver_private_peak_after_stage_mib": {k: round(v, 1) for k, v in peak_after.items()},
+        "driver_private_peak_after_stage_mib": {k: round(v, 1) for k, v in observer.peak_after.items()},
     }
     if p["measure_model"]:
         device, gpus = ("cuda", 1) if ex["use_gpu"] else ("cpu", 0)
@@ -265,7 +261,8 @@ def child_plan(p: dict[str, Any]) -> dict[str, Any]:
     """Inside a plain process: plan a continental region from header-only scenes, then a ledger of that size."""
     from geoseg.config import RunConfig
     from geoseg.ledger import Ledger
-    from geoseg.plan import make_plan, save_plan
+    from geoseg.plan import save_plan
+    from geoseg.planner import make_plan
 
     scenes = [str(s) for s in sorted(Path(p["scene_dir"]).glob("*.tif"))]
     base = _peak_rss_mib()

@@ -13,17 +13,21 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from geoseg.config import ExecutionSettings, RunConfig, VectoriseSettings
     from geoseg.errors import ConfigError, GeosegError, PlanMismatchError, RunDirError, SceneError
-    from geoseg.report import RunReport, RunStatus, TileOutcome
+    from geoseg.results import RunReport, RunStatus, TileOutcome
     from geoseg.runtime import Observer, rerun, run, status
 
 _EXPORTS = {
     "run": "geoseg.runtime", "rerun": "geoseg.runtime", "status": "geoseg.runtime", "Observer": "geoseg.runtime",
     "RunConfig": "geoseg.config", "ExecutionSettings": "geoseg.config", "VectoriseSettings": "geoseg.config",
-    "RunReport": "geoseg.report", "RunStatus": "geoseg.report", "TileOutcome": "geoseg.report",
+    "RunReport": "geoseg.results", "RunStatus": "geoseg.results", "TileOutcome": "geoseg.results",
     "GeosegError": "geoseg.errors", "ConfigError": "geoseg.errors", "SceneError": "geoseg.errors",
     "PlanMismatchError": "geoseg.errors", "RunDirError": "geoseg.errors",
 }
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__", "run", "rerun", "status", "Observer", "RunConfig", "ExecutionSettings", "VectoriseSettings",
+    "RunReport", "RunStatus", "TileOutcome", "GeosegError", "ConfigError", "SceneError", "PlanMismatchError",
+    "RunDirError",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -12,10 +12,13 @@ from pathlib import Path
 from shapely.geometry import box, shape
 from shapely.ops import unary_union
 
-from geoseg.config import ExecutionSettings, RunConfig, VectoriseSettings
+from geoseg.config import PRECISIONS, ExecutionSettings, RunConfig, VectoriseSettings
 from geoseg.errors import ConfigError, GeosegError, RegionError
+from geoseg.results import RunReport, RunStatus
 
-EXIT_BAD_INPUT = 2
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2  # a setting, scene or RUN_DIR that cannot be used: nothing was changed
+EXIT_TILES_FAILED = 3  # the run finished but some tiles failed (or are pending): `geoseg rerun` them
 
 
 def parse_region(region: str | None, bbox: str | None) -> str | None:
@@ -26,7 +29,8 @@ def parse_region(region: str | None, bbox: str | None) -> str | None:
         try:
             w, s, e, n = (float(v) for v in bbox.split(","))
         except ValueError as exc:
-            raise RegionError(f"--bbox {bbox!r} is not W,S,E,N in degrees, e.g. --bbox 16.30,50.98,16.36,51.01") from exc
+            raise RegionError(f"--bbox {bbox!r} is not W,S,E,N in degrees, "
+                              "e.g. --bbox 16.30,50.98,16.36,51.01") from exc
         if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
             raise RegionError(f"--bbox {bbox!r} must be W,S,E,N in lon/lat with W < E and S < N")
         return box(w, s, e, n).wkt
@@ -53,11 +57,19 @@ def _run_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crs", help="output CRS (default: UTM zone of the region's centre)")
     p.add_argument("--resolution", type=float, metavar="METRES", help="output pixel size (default: finest scene's)")
     p.add_argument("--bands", help="comma-separated names of every scene band, e.g. red,green,blue,nir")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local Ray)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     p.add_argument("--overwrite", action="store_true", help="replace a RUN_DIR made from a different plan")
     p.add_argument("--tile-size", type=int, help="tile core side in px (default 1024, less for a smaller grid)")
     p.add_argument("--halo", type=int, help="context px on each side of a tile (default: the model card's)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="forward-pass arithmetic, kept by reruns (default: bf16 on GPU actors, fp32 on CPU actors)")
+    _execution_options(p)
+    _vectorise_options(p)
+
+
+def _execution_options(p: argparse.ArgumentParser) -> None:
+    """How the work is spread: no effect on outputs, so `rerun` takes them too."""
+    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local Ray)")
     p.add_argument("--batch-size", type=int,
                    help="tiles per forward pass (default: ~0.6 Mpx of input on CPU actors, ~9.4 Mpx on GPU actors)")
     p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, else one per node with CPUs)")
@@ -68,7 +80,6 @@ def _run_parser(p: argparse.ArgumentParser) -> None:
                    help="use GPU actors (default: when the cluster has or its autoscaler can start GPU nodes)")
     p.add_argument("--device", choices=("cuda", "cpu"),
                    help="where the actors' forward pass runs (default: cuda on GPU actors, else cpu)")
-    _vectorise_options(p)
 
 
 def _vectorise_options(p: argparse.ArgumentParser) -> None:
@@ -86,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub.add_parser("run", help="map a region: scenes → tiles → model → classes.tif + landcover.gpkg"))
     p = sub.add_parser("rerun", help="redo only the tiles that failed or never finished")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--ray-address", help="Ray cluster to join")
+    _execution_options(p)
     p = sub.add_parser("status", help="tiles done / failed / pending of a run")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p = sub.add_parser("vectorise", help="polygonise a class raster into a GeoPackage")
@@ -97,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     _vectorise_options(p)
     p = sub.add_parser("train", help="train a model from a config file")
     p.add_argument("--config", required=True, metavar="CONFIG.toml")
-    p.add_argument("--gpus", type=int, default=0, metavar="N", help="train on N GPU workers (bf16) instead of the config's workers")
+    p.add_argument("--gpus", type=int, default=0, metavar="N",
+                   help="train on N GPU workers (bf16) instead of the config's workers")
     p = sub.add_parser("evaluate", help="compare a run's class raster (classes.tif or .vrt) with reference labels")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--reference", required=True, metavar="LABELS.tif")
@@ -111,21 +123,44 @@ def run_config(args: argparse.Namespace) -> tuple[RunConfig, ExecutionSettings]:
         scenes=tuple(args.scenes), out=args.out.rstrip("/"), model=args.model,
         region_wkt=parse_region(args.region, args.bbox), crs=args.crs, resolution=args.resolution,
         bands=tuple(b.strip() for b in args.bands.split(",")) if args.bands else None,
-        tile_size=args.tile_size, halo=args.halo, batch_size=args.batch_size,
+        tile_size=args.tile_size, halo=args.halo, precision=args.precision,
         vectorise=VectoriseSettings(args.connectivity, args.min_area, args.simplify, args.block_size),
     )
-    return config, ExecutionSettings(ray_address=args.ray_address, actors=args.actors, use_gpu=args.gpu,
-                                     device=args.device, readers_per_actor=args.readers_per_actor)
+    return config, execution_settings(args)
 
 
-def _summary(report: dict) -> str:
-    lines = [f"tiles: {report['tiles_done']}/{report['tiles_total']} done, {report['tiles_failed']} failed "
-             f"({report['tiles_processed']} processed in this run)"]
-    lines += [f"  failed tile {t['id']} (row {t['row']}, col {t['col']}, {t['stage']}): {t['error']}"
-              for t in report["failed_tiles"]]
-    lines += [f"  {name}: {area / 1e6:.4f} km2" for name, area in report["class_area_m2"].items()]
-    lines.append("seconds: " + ", ".join(f"{k} {v}" for k, v in report["stage_s"].items()))
+def execution_settings(args: argparse.Namespace) -> ExecutionSettings:
+    """Execution flags of ``geoseg run`` or ``rerun`` → settings (checked as they are made)."""
+    return ExecutionSettings(ray_address=args.ray_address, actors=args.actors, use_gpu=args.gpu,
+                             device=args.device, readers_per_actor=args.readers_per_actor,
+                             batch_size=args.batch_size)
+
+
+def report_text(report: RunReport) -> str:
+    """A run's report as the terminal shows it."""
+    lines = [f"tiles: {report.tiles_done}/{report.tiles_total} done, {report.tiles_failed} failed "
+             f"({report.tiles_processed} processed in this run)"]
+    lines += [f"  failed tile {t.id} (row {t.row}, col {t.col}, {t.stage}): {t.error}" for t in report.failed_tiles]
+    lines += [f"  {name}: {area / 1e6:.4f} km2" for name, area in report.class_area_m2.items()]
+    lines.append("seconds: " + ", ".join(f"{k} {v}" for k, v in report.stage_s.items()))
+    if not report.complete:
+        lines.append(f"{report.tiles_total - report.tiles_done} tiles not done: "
+                     "`geoseg rerun RUN_DIR` processes only those")
     return "\n".join(lines)
+
+
+def status_text(status: RunStatus) -> str:
+    """A run's status as the terminal shows it."""
+    lines = [f"tiles: {status.tiles_done} done, {status.tiles_failed} failed, {status.tiles_pending} pending "
+             f"of {status.tiles_total}"]
+    lines += [f"  failed tile {t.id} (row {t.row}, col {t.col}, {t.stage}, {t.attempts} attempts): {t.error}"
+              for t in status.failed_tiles]
+    return "\n".join(lines)
+
+
+def exit_code(done: int, total: int) -> int:
+    """0 when every tile is done, else :data:`EXIT_TILES_FAILED` so scripts see a run to rerun."""
+    return EXIT_OK if done == total else EXIT_TILES_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,41 +181,39 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         config, execution = run_config(args)
         if args.dry_run:
-            from geoseg.plan import describe, make_plan
+            from geoseg.planner import describe, make_plan
 
             print(describe(make_plan(config)))
-            return 0
-        result = runtime.run(config, execution, overwrite=args.overwrite)
-        print(_summary(result.report))
-        return result.exit_code
+            return EXIT_OK
+        report = runtime.run(config, execution, overwrite=args.overwrite)
+        print(report_text(report))
+        return exit_code(report.tiles_done, report.tiles_total)
     if args.command == "rerun":
-        result = runtime.rerun(args.run_dir.rstrip("/"), ExecutionSettings(ray_address=args.ray_address))
-        print(_summary(result.report))
-        return result.exit_code
+        report = runtime.rerun(args.run_dir.rstrip("/"), execution_settings(args))
+        print(report_text(report))
+        return exit_code(report.tiles_done, report.tiles_total)
     if args.command == "status":
-        s = runtime.status(args.run_dir.rstrip("/"))
-        print(f"tiles: {s['tiles_done']} done, {s['tiles_failed']} failed, {s['tiles_pending']} pending "
-              f"of {s['tiles_total']}")
-        for t in s["failed_tiles"]:
-            print(f"  failed tile {t['id']} (row {t['row']}, col {t['col']}, {t['stage']}, "
-                  f"{t['attempts']} attempts): {t['error']}")
-        return 0 if not s["tiles_failed"] and not s["tiles_pending"] else runtime.EXIT_TILES_FAILED
+        status = runtime.status(args.run_dir.rstrip("/"))
+        print(status_text(status))
+        return exit_code(status.tiles_done, status.tiles_total)
     if args.command == "vectorise":
+        from geoseg.cluster import connect
         from geoseg.vectorise import load_legend, vectorise
 
+        settings = VectoriseSettings(args.connectivity, args.min_area, args.simplify, args.block_size)
         if args.ray_address:
-            runtime.connect(args.ray_address)
+            connect(args.ray_address)
         areas = vectorise(args.classes, args.out, load_legend(args.legend) if args.legend else None,
-                          block_size=args.block_size, connectivity=args.connectivity,
-                          min_area_m2=args.min_area, simplify_m=args.simplify)
+                          block_size=settings.block_size, connectivity=settings.connectivity,
+                          min_area_m2=settings.min_area_m2, simplify_m=settings.simplify_m)
         for name, area in areas.items():
             print(f"{name}: {area / 1e6:.4f} km2")
-        return 0
+        return EXIT_OK
     if args.command == "train":
         from geoseg.train import train_from_config
 
         print(train_from_config(args.config, args.gpus))
-        return 0
+        return EXIT_OK
     if args.command == "evaluate":
         from geoseg import storage
         from geoseg.evaluate import evaluate_rasters, format_table
@@ -195,5 +228,5 @@ def _dispatch(args: argparse.Namespace) -> int:
         storage.write_bytes(storage.join(run_dir, "evaluation.json"), json.dumps(result, indent=2).encode())
         print(format_table(result))
         print(json.dumps(result))
-        return 0
+        return EXIT_OK
     raise ConfigError(f"unknown command {args.command}")

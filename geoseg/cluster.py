@@ -136,7 +136,8 @@ def cpu_actors(execution: ExecutionSettings, nodes: list[Node]) -> list[ActorSha
         cpus = execution.actor_cpus or (1.0 if execution.actors else room)
         if per_node * cpus > room or cpus <= 0:
             raise ConfigError(f"{per_node} inference actor(s) of {cpus:g} CPUs leave no room for a tile reader of "
-                              f"{execution.tile_cpus:g} CPUs on a node of {node.cpus:g} CPUs: lower --actors or actor_cpus")
+                              f"{execution.tile_cpus:g} CPUs on a node of {node.cpus:g} CPUs: "
+                              "lower --actors or actor_cpus")
         shapes += [ActorShape(cpus, 0, max(1, round(cpus)), execution.device or "cpu", readers, node.node_id)
                    for _ in range(per_node)]
     return shapes[:execution.actors] if execution.actors else shapes

@@ -1,8 +1,27 @@
-"""The settings of a run, as frozen dataclasses with every field documented."""
+"""The settings of a run, as frozen dataclasses with every field documented.
+
+Each validates itself when it is made, so a bad setting fails at the door (CLI, job script or notebook) with
+the flag to change, before any tile is read: never after hours of inference.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from geoseg.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("cuda", "cpu")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(value: float | None, name: str, unit: str = "") -> None:
+    _require(value is None or (math.isfinite(value) and value > 0), f"{name} must be positive{unit}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -17,6 +36,14 @@ class VectoriseSettings:
     """Coverage-preserving simplification tolerance in metres; 0 keeps the pixel edges."""
     block_size: int = 1024
     """Side in pixels of the blocks polygonised in parallel."""
+
+    def __post_init__(self) -> None:
+        _require(self.connectivity in (4, 8), f"--connectivity must be 4 or 8, got {self.connectivity}")
+        _require(math.isfinite(self.min_area_m2) and self.min_area_m2 >= 0,
+                 f"--min-area must be 0 (keep every patch) or a positive area in m2, got {self.min_area_m2}")
+        _require(math.isfinite(self.simplify_m) and self.simplify_m >= 0,
+                 f"--simplify must be 0 (keep pixel edges) or a positive tolerance in metres, got {self.simplify_m}")
+        _positive(self.block_size, "--block-size", " (pixels)")
 
 
 @dataclass(frozen=True)
@@ -42,11 +69,21 @@ class RunConfig:
     recomputed; the network is fully convolutional)."""
     halo: int | None = None
     """Context pixels added on each side of a tile; None takes the model card's."""
-    batch_size: int | None = None
-    """Tiles per forward pass; every batch is padded to this size so a tile's prediction never
-    depends on which other tiles share its batch. None: :func:`default_batch_size`."""
+    precision: str | None = None
+    """Arithmetic of the forward pass, "fp32" or "bf16": they give slightly different maps, so the plan records
+    it and a rerun keeps it. None: bf16 on GPU actors, fp32 on CPU actors (or the existing plan's)."""
     vectorise: VectoriseSettings = VectoriseSettings()
     """Polygonising options."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.scenes), "no scenes given: pass --scenes FILE [FILE ...]")
+        _require(bool(self.out), "no RUN_DIR given: pass --out RUN_DIR")
+        _positive(self.resolution, "--resolution", " (metres)")
+        _positive(self.tile_size, "--tile-size", " (pixels)")
+        _require(self.halo is None or self.halo >= 0, f"--halo must be 0 or more pixels, got {self.halo}")
+        _require(self.precision is None or self.precision in PRECISIONS,
+                 f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _require(self.bands is None or len(self.bands) > 0, "--bands names no band: give them comma-separated")
 
 
 @dataclass(frozen=True)
@@ -76,10 +113,24 @@ class ExecutionSettings:
     demand for CPU nodes that an autoscaler starts them."""
     tile_cpus: float = 0.25
     """CPUs reserved per tile-reading task (mostly I/O and GDAL warping)."""
+    batch_size: int | None = None
+    """Tiles per forward pass; every batch is padded to this size, so a tile's prediction never depends on
+    which other tiles share its batch, nor on this setting. None: :func:`default_batch_size`."""
     max_attempts: int = 2
     """Tries per tile within one run before it is recorded as failed."""
     progress: bool = True
     """Show tiles done / failed / total while running."""
+
+    def __post_init__(self) -> None:
+        _positive(self.actors, "--actors", " (or leave it out for one per GPU or node)")
+        _positive(self.actor_cpus, "actor_cpus")
+        _require(self.device is None or self.device in DEVICES,
+                 f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        _positive(self.prefetch, "prefetch")
+        _positive(self.readers_per_actor, "--readers-per-actor")
+        _positive(self.tile_cpus, "tile_cpus")
+        _positive(self.batch_size, "--batch-size")
+        _positive(self.max_attempts, "max_attempts")
 
 
 TILE_SIZE = 1024  # default core: 1.27x computed px per output px at a 64 px halo, against 2.25x at 256

@@ -1,8 +1,9 @@
 """The infer stage: batch prediction (pure) and the predictor that loads a model once and serves many tiles.
 
 The predictor is plain Python; ``runtime`` makes Ray actors of it (``num_gpus`` on GPU clusters).
-On a GPU it runs bf16 autocast with pinned host memory and non-blocking copies; on a CPU plain fp32
-(bf16 is several times slower on common CPUs). Both use channels_last.
+It runs the plan's precision wherever it is: bf16 autocast by default on a GPU (with pinned host memory
+and non-blocking copies), fp32 by default on a CPU (bf16 is several times slower on common CPUs), so a
+rerun on other hardware still makes the same map. Both use channels_last.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import ctypes
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from geoseg.cluster import this_node
 from geoseg.grid import Grid
 from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import load_model
+from geoseg.results import TileError
 from geoseg.store import Stores
 
 
@@ -67,38 +70,38 @@ class Predictor:
     forward pass, so the host only decodes and encodes zarr chunks.
     """
 
-    def __init__(self, model: str, run_dir: str, grid: Grid, tiles: np.ndarray, batch_size: int,
-                 device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, model: str, run_dir: str, grid: Grid, tiles: npt.NDArray[np.int32], batch_size: int,
+                 precision: str = "fp32", device: str = "cpu", threads: int | None = None) -> None:
         self.threads = threads or torch.get_num_threads()
         self.device = torch.device(device)
         self.card, self.model = load_model(model, device=device)
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
         self.class_ids = torch.as_tensor(self.card.class_ids, device=self.device)
-        f32 = {"dtype": torch.float32, "device": self.device}
-        self.scale = torch.tensor(self.card.scale, **f32)
-        self.mean = torch.tensor(self.card.mean, **f32)[:, None, None]  # per band, broadcast over pixels
-        self.std = torch.tensor(self.card.std, **f32)[:, None, None]
-        self.bf16 = self.device.type == "cuda"
+        self.scale = torch.tensor(self.card.scale, dtype=torch.float32, device=self.device)
+        # per band, broadcast over pixels
+        self.mean = torch.tensor(self.card.mean, dtype=torch.float32, device=self.device)[:, None, None]
+        self.std = torch.tensor(self.card.std, dtype=torch.float32, device=self.device)[:, None, None]
+        self.bf16 = precision == "bf16"
         self.stores = Stores(run_dir)
         self.grid = grid
         self.tiles = tiles
         self.batch_size = batch_size
         self._forward = ThreadPoolExecutor(1, "forward", initializer=_start_forward_thread, initargs=(self.threads,))
 
-    def __call__(self, tile_ids: list[int]) -> tuple[str, list[tuple[int, str | None]]]:
+    def __call__(self, tile_ids: list[int]) -> tuple[str, list[tuple[int, TileError | None]]]:
         """Predict and write tiles, ``batch_size`` at a time; this node's id and (tile id, error or None) each."""
         b = self.batch_size
         results = [r for k in range(0, len(tile_ids), b) for r in self._batch(tile_ids[k:k + b])]
         return this_node(), results
 
-    def _batch(self, tile_ids: list[int]) -> list[tuple[int, str | None]]:
+    def _batch(self, tile_ids: list[int]) -> list[tuple[int, TileError | None]]:
         """One batch; a failing batch is retried tile by tile so one bad tile cannot take its batch-mates down."""
         try:
             self._run(tile_ids)
             return [(i, None) for i in tile_ids]
         except Exception as exc:  # recorded per tile by the driver
             if len(tile_ids) == 1:
-                return [(tile_ids[0], f"{type(exc).__name__}: {exc}")]
+                return [(tile_ids[0], TileError.of(exc))]
         return [result for i in tile_ids for result in self._batch([i])]
 
     @torch.inference_mode()

@@ -17,18 +17,10 @@ from typing import Any
 import numpy as np
 
 from geoseg import storage
+from geoseg.results import TileOutcome
 
 LEDGER_FILE = "ledger.json"
 JOURNAL_DIR = "ledger.d"
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a tile failed, in which stage, after how many attempts."""
-
-    stage: str
-    error: str
-    attempts: int
 
 
 @dataclass
@@ -37,7 +29,7 @@ class Ledger:
 
     tile_count: int
     done: set[int] = field(default_factory=set)
-    failed: dict[int, Failure] = field(default_factory=dict)
+    failed: dict[int, TileOutcome] = field(default_factory=dict)
     changed: set[int] = field(default_factory=set, compare=False)  # since the last save
     journal_parts: int = field(default=0, compare=False)  # parts written since ledger.json
 
@@ -47,15 +39,15 @@ class Ledger:
         self.failed.pop(tile_id, None)
         self.changed.add(tile_id)
 
-    def mark_failed(self, tile_id: int, failure: Failure) -> None:
+    def mark_failed(self, outcome: TileOutcome) -> None:
         """Record a tile that failed for good in this run."""
-        self.failed[tile_id] = failure
-        self.changed.add(tile_id)
+        self.failed[outcome.id] = outcome
+        self.changed.add(outcome.id)
 
     def apply(self, part: dict[str, Any]) -> None:
         """Replay one journal part (failures first: a tile done later in the same part is done)."""
         for k, v in part["failed"].items():
-            self.failed[int(k)] = Failure(**v)
+            self.failed[int(k)] = TileOutcome(**v)
         for i in part["done"]:
             self.done.add(i)
             self.failed.pop(i, None)
@@ -82,7 +74,7 @@ class Ledger:
     def from_json(cls, text: str) -> Ledger:
         """Inverse of ``to_json``."""
         d = json.loads(text)
-        return cls(d["tile_count"], set(d["done"]), {int(k): Failure(**v) for k, v in d["failed"].items()})
+        return cls(d["tile_count"], set(d["done"]), {int(k): TileOutcome(**v) for k, v in d["failed"].items()})
 
 
 def load_ledger(run_dir: str, tile_count: int) -> Ledger:

@@ -16,7 +16,6 @@ that finished.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -33,50 +32,53 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from shapely import wkt as shapely_wkt
 
 from geoseg import storage, store
-from geoseg.cluster import ActorShape, alive_nodes, cpu_actors, gpu_actors, uses_gpu
-from geoseg.config import ExecutionSettings, RunConfig
-from geoseg.errors import PlanMismatchError
+from geoseg.cluster import ActorShape, alive_nodes, connect, cpu_actors, gpu_actors, uses_gpu
+from geoseg.config import ExecutionSettings, RunConfig, default_batch_size
+from geoseg.errors import ExecutionError, PlanMismatchError
 from geoseg.infer import Predictor
-from geoseg.ledger import Failure, Ledger, flush_ledger, load_ledger, save_ledger
+from geoseg.ledger import Ledger, flush_ledger, load_ledger, save_ledger
 from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import load_card
 from geoseg.mosaic import MosaicResult, mosaic
-from geoseg.plan import RunPlan, load_plan, make_plan, region_in, save_plan
+from geoseg.plan import RunPlan, load_plan, save_plan
+from geoseg.planner import make_plan, region_in
+from geoseg.results import Execution, ModelUsed, Outputs, RunReport, RunStatus, TileError, TileOutcome
 from geoseg.tile import TileJob, run_tiles
 from geoseg.vectorise import vectorise
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_TILES_FAILED = 3
 REPORT_FILE = "report.json"
 GPKG_FILE = "landcover.gpkg"
 LEDGER_FLUSH_S = 2.0
 RUN_PX = 4 * 1024**2  # core pixels per reader task: 4 tiles of 1024 px, 64 of 256 px
 REFRESH_S = 5.0  # how often a CPU pool looks for nodes that joined
-# a local Ray as geoseg starts it: idle workers live a minute (Ray's default: 1 s beyond one per CPU), so the
-# stages after the tiles find the readers' workers warm instead of starting new ones (1-2 s per stage)
-LOCAL_RAY: dict[str, Any] = {"include_dashboard": False,
-                             "_system_config": {"idle_worker_killing_time_threshold_ms": 60_000}}
 
 
-@dataclass(frozen=True)
-class RunResult:
-    """What a run leaves: its report (also in RUN_DIR/report.json) and the process exit status."""
+class Observer:
+    """Hooks into a run as it goes, for benchmarks and notebooks: subclass it and override what you need.
 
-    report: dict[str, Any]
-    exit_code: int
+    Called on the driver, between its other work: keep them cheap."""
+
+    def tiles_done(self, tile_ids: list[int]) -> None:
+        """Tiles whose predictions are completely written."""
+
+    def stage_done(self, stage: str) -> None:
+        """A stage ended: "tiles", "mosaic" (the class raster is written) or "vectorise"."""
 
 
-def run(config: RunConfig, execution: ExecutionSettings, overwrite: bool = False) -> RunResult:
+def run(config: RunConfig, execution: ExecutionSettings, overwrite: bool = False,
+        observer: Observer | None = None) -> RunReport:
     """Plan (or reuse the identical plan already in RUN_DIR) and execute a run."""
     t0 = time.perf_counter()
     connect(execution.ray_address)
     use_gpu = uses_gpu(execution)
-    execution = replace(execution, use_gpu=use_gpu)  # decided once: the plan's batch and the actors agree
+    execution = replace(execution, use_gpu=use_gpu)  # decided once: the plan's precision and the actors agree
     plan = make_plan(config, use_gpu=use_gpu)
     existing = _existing_plan(config.out)
     if existing is not None and not overwrite:
+        if config.precision is None:  # a plan's precision holds for all its runs, whatever hardware they find
+            plan = replace(plan, precision=existing.precision)
         if not existing.same_work(plan):
             raise PlanMismatchError(
                 f"{config.out} already holds a run with a different plan: pass --overwrite to replace it, "
@@ -89,27 +91,29 @@ def run(config: RunConfig, execution: ExecutionSettings, overwrite: bool = False
                                 "(--overwrite only replaces a geoseg run)")
     storage.makedirs(config.out)
     save_plan(config.out, plan)
-    return execute(config.out, plan, execution, plan_s=time.perf_counter() - t0)
+    return execute(config.out, plan, execution, plan_s=time.perf_counter() - t0, observer=observer)
 
 
-def rerun(run_dir: str, execution: ExecutionSettings) -> RunResult:
-    """Process only the tiles not done (failed or never finished), re-reading the scenes, then rebuild outputs."""
+def rerun(run_dir: str, execution: ExecutionSettings, observer: Observer | None = None) -> RunReport:
+    """Process only the tiles not done (failed or never finished), re-reading the scenes, then rebuild outputs.
+
+    The plan's precision is kept whatever the hardware, so the rerun's tiles match the first run's."""
     t0 = time.perf_counter()
     plan = load_plan(run_dir)
-    return execute(run_dir, plan, execution, plan_s=time.perf_counter() - t0)
+    return execute(run_dir, plan, execution, plan_s=time.perf_counter() - t0, observer=observer)
 
 
-def status(run_dir: str) -> dict[str, Any]:
-    """Tiles done / failed / pending, with the error of each failed tile."""
+def status(run_dir: str) -> RunStatus:
+    """Tiles done / failed / pending, with the outcome of each failed tile."""
     plan = load_plan(run_dir)
     ledger = load_ledger(run_dir, plan.tile_count)
-    return {
-        "tiles_total": plan.tile_count,
-        "tiles_done": len(ledger.done),
-        "tiles_failed": len(ledger.failed),
-        "tiles_pending": ledger.pending_count(),
-        "failed_tiles": _failed_list(plan, ledger),
-    }
+    return RunStatus(tiles_total=plan.tile_count, tiles_done=len(ledger.done), tiles_failed=len(ledger.failed),
+                     tiles_pending=ledger.pending_count(), failed_tiles=_failed(ledger))
+
+
+def load_report(run_dir: str) -> RunReport:
+    """The report a finished run wrote."""
+    return RunReport.from_json(storage.read_bytes(storage.join(run_dir, REPORT_FILE)).decode())
 
 
 def _existing_plan(run_dir: str) -> RunPlan | None:
@@ -119,26 +123,15 @@ def _existing_plan(run_dir: str) -> RunPlan | None:
         return None
 
 
-def _failed_list(plan: RunPlan, ledger: Ledger) -> list[dict[str, Any]]:
-    return [{"id": i, "row": int(plan.tiles[i, 0]), "col": int(plan.tiles[i, 1]), "stage": f.stage,
-             "error": f.error, "attempts": f.attempts} for i, f in sorted(ledger.failed.items())]
+def _failed(ledger: Ledger) -> tuple[TileOutcome, ...]:
+    return tuple(outcome for _, outcome in sorted(ledger.failed.items()))
 
 
-def connect(address: str | None) -> None:
-    """Join the cluster at ``address``, or start a local Ray; forwards store credentials to workers."""
-    if ray.is_initialized():
-        return
-    runtime_env = {"env_vars": storage.forwarded_env()}
-    if address is None and "RAY_ADDRESS" not in os.environ:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(runtime_env=runtime_env, log_to_driver=False, **LOCAL_RAY)
-    else:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-
-
-def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: float = 0.0) -> RunResult:
+def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: float = 0.0,
+            observer: Observer | None = None) -> RunReport:
     """Run every tile not yet done, then mosaic, vectorise and report."""
     t_start = time.perf_counter()
+    observer = observer or Observer()
     card = load_card(plan.model)
     ledger = load_ledger(run_dir, plan.tile_count)
     store.create(run_dir, plan.grid, plan.tiles, card.bands, card.input_dtype)
@@ -148,48 +141,53 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     save_ledger(run_dir, ledger)
 
     t0 = time.perf_counter()
-    settings: dict[str, Any] = {}
+    settings: Execution | None = None
     if todo:
-        dispatcher = _Dispatcher(run_dir, plan, card, ledger, execution)
-        settings = dispatcher.settings
-        dispatcher.run(todo)
+        dispatcher = _Dispatcher(run_dir, plan, card, ledger, execution, observer)
+        try:
+            settings = dispatcher.run(todo)
+        finally:
+            save_ledger(run_dir, ledger)
     t_tiles = time.perf_counter() - t0
-    save_ledger(run_dir, ledger)
+    observer.stage_done("tiles")
 
     t0 = time.perf_counter()
     tags = {"GEOSEG_RUN_ID": plan.run_id, "GEOSEG_MODEL": f"{plan.model_name} {plan.model_version}"}
     rasters = mosaic(run_dir, plan.grid, card, tags)
     t_mosaic = time.perf_counter() - t0
+    observer.stage_done("mosaic")
 
     t0 = time.perf_counter()
     areas = _vectorise(run_dir, plan, card, rasters)
     t_vector = time.perf_counter() - t0
+    observer.stage_done("vectorise")
 
     names = {c.id: c.name for c in card.classes}
-    report = {
-        "run_id": plan.run_id,
-        "model": {"name": plan.model_name, "version": plan.model_version, "source": plan.model},
-        "tiles_total": plan.tile_count,
-        "tiles_done": len(ledger.done),
-        "tiles_failed": len(ledger.failed),
-        "tiles_processed": len(todo),
-        "failed_tiles": _failed_list(plan, ledger),
-        "class_area_m2": areas,
-        "class_pixel_area_m2": {names[k]: plan.grid.area_m2(v) for k, v in sorted(rasters.counts.items())},
-        "stage_s": {"plan": round(plan_s, 3), "tile_and_infer": round(t_tiles, 3), "mosaic": round(t_mosaic, 3),
-                    "vectorise": round(t_vector, 3), "total": round(plan_s + time.perf_counter() - t_start, 3)},
-        "tiles_per_s": round(len(todo) / t_tiles, 3) if todo and t_tiles > 0 else None,
-        "execution": settings,
-        "warnings": list(plan.warnings),
-        "outputs": {"classes": rasters.classes, "confidence": rasters.confidence, "polygons": GPKG_FILE,
-                    "tiles_store": store.TILES, "predictions_store": store.PREDICTIONS},
-    }
-    storage.write_bytes(storage.join(run_dir, REPORT_FILE), json.dumps(report, indent=2).encode())
-    return RunResult(report, EXIT_OK if not ledger.failed else EXIT_TILES_FAILED)
+    report = RunReport(
+        run_id=plan.run_id,
+        model=ModelUsed(plan.model_name, plan.model_version, plan.model),
+        tiles_total=plan.tile_count,
+        tiles_done=len(ledger.done),
+        tiles_failed=len(ledger.failed),
+        tiles_processed=len(todo),
+        failed_tiles=_failed(ledger),
+        class_area_m2=areas,
+        class_pixel_area_m2={names[k]: plan.grid.area_m2(v) for k, v in sorted(rasters.counts.items())},
+        stage_s={"plan": round(plan_s, 3), "tile_and_infer": round(t_tiles, 3), "mosaic": round(t_mosaic, 3),
+                 "vectorise": round(t_vector, 3), "total": round(plan_s + time.perf_counter() - t_start, 3)},
+        tiles_per_s=round(len(todo) / t_tiles, 3) if todo and t_tiles > 0 else None,
+        execution=settings,
+        warnings=plan.warnings,
+        outputs=Outputs(classes=rasters.classes, confidence=rasters.confidence, polygons=GPKG_FILE,
+                        tiles_store=store.TILES, predictions_store=store.PREDICTIONS),
+    )
+    storage.write_bytes(storage.join(run_dir, REPORT_FILE), report.to_json().encode())
+    return report
 
 
 def _vectorise(run_dir: str, plan: RunPlan, card: ModelCard, rasters: MosaicResult) -> dict[str, float]:
-    """Polygonise the class raster (classes.tif or classes.vrt) into landcover.gpkg (built locally, then published whole)."""
+    """Polygonise the class raster (classes.tif or classes.vrt) into landcover.gpkg (built locally, then published
+    whole)."""
     v = plan.vectorise
     with tempfile.TemporaryDirectory(prefix="geoseg-gpkg-") as tmp:
         local = os.path.join(tmp, GPKG_FILE)
@@ -206,7 +204,7 @@ def _vectorise(run_dir: str, plan: RunPlan, card: ModelCard, rasters: MosaicResu
 def _region_in_grid(plan: RunPlan) -> str | None:
     if plan.region_wkt is None:
         return None
-    return region_in(shapely_wkt.loads(plan.region_wkt), plan.grid.crs).wkt
+    return str(region_in(shapely_wkt.loads(plan.region_wkt), plan.grid.crs).wkt)
 
 
 @dataclass
@@ -215,7 +213,7 @@ class _Actor:
 
     key: int
     shape: ActorShape
-    handle: Any
+    handle: Any  # a Ray actor handle (untyped in Ray)
     in_flight: int = 0
 
 
@@ -227,10 +225,11 @@ class _Dispatcher:
     """
 
     def __init__(self, run_dir: str, plan: RunPlan, card: ModelCard, ledger: Ledger,
-                 execution: ExecutionSettings) -> None:
-        self.run_dir, self.plan, self.ledger, self.ex = run_dir, plan, ledger, execution
+                 execution: ExecutionSettings, observer: Observer) -> None:
+        self.run_dir, self.plan, self.ledger, self.ex, self.observer = run_dir, plan, ledger, execution, observer
         self.use_gpu = uses_gpu(execution)
-        batches = -(-plan.tile_count // plan.batch_size)
+        self.batch_size = execution.batch_size or default_batch_size(self.use_gpu, plan.grid.input_size)
+        batches = -(-plan.tile_count // self.batch_size)
         shapes = gpu_actors(execution, batches) if self.use_gpu else cpu_actors(execution, alive_nodes())
         self.tiles_ref = ray.put(plan.tiles)
         self.job_ref = ray.put(TileJob(run_dir, plan.run_id, uuid.uuid4().hex, plan.grid, plan.scenes,
@@ -245,14 +244,9 @@ class _Dispatcher:
             self._start(shape)
         self.last_refresh = time.monotonic()
         self.run_len = max(1, RUN_PX // plan.grid.tile_size**2)
-        self.call_tiles = plan.batch_size * max(1, self.run_len // plan.batch_size)
-        first = shapes[0] if shapes else None
-        self.settings: dict[str, Any] = {
-            "actors": len(shapes), "actor_cpus": first.num_cpus if first else None,
-            "threads": first.threads if first else None, "use_gpu": self.use_gpu,
-            "device": first.device if first else None, "batch_size": plan.batch_size, "prefetch": execution.prefetch,
-            "tile_cpus": execution.tile_cpus, "readers_per_actor": first.readers if first else None,
-            "tiles_per_read": self.run_len, "tiles_per_call": self.call_tiles}
+        self.call_tiles = self.batch_size * max(1, self.run_len // self.batch_size)
+        self.first = shapes[0] if shapes else None
+        self.initial_actors = len(shapes)
         self.nodes: dict[str, set[str]] = {"tile": set(), "infer": set()}
         self.replacements = 0
         self.attempts: dict[int, int] = {}
@@ -265,8 +259,8 @@ class _Dispatcher:
         if shape.node_id is not None:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(shape.node_id, soft=True)
         handle = self.actor_class.options(**options).remote(
-            self.plan.model, self.run_dir, self.plan.grid, self.tiles_ref, self.plan.batch_size, shape.device,
-            shape.threads)
+            self.plan.model, self.run_dir, self.plan.grid, self.tiles_ref, self.batch_size, self.plan.precision,
+            shape.device, shape.threads)
         self.actors[self.started] = _Actor(self.started, shape, handle)
         self.started += 1
 
@@ -280,16 +274,18 @@ class _Dispatcher:
             log.info("node %s joined: starting an inference actor of %g CPUs on it", shape.node_id, shape.num_cpus)
             self._start(shape)
 
-    def _failed_attempt(self, tile_id: int, stage: str, error: str, retry: deque[int]) -> None:
+    def _failed_attempt(self, tile_id: int, stage: str, error: TileError, retry: deque[int]) -> None:
         self.attempts[tile_id] = self.attempts.get(tile_id, 0) + 1
         if self.attempts[tile_id] < self.ex.max_attempts:
             retry.append(tile_id)
         else:
-            log.info("tile %d failed in %s: %s", tile_id, stage, error)
-            self.ledger.mark_failed(tile_id, Failure(stage, error, self.attempts[tile_id]))
+            log.info("tile %d failed in %s: %s: %s", tile_id, stage, error.error_type, error.message)
+            row, col = (int(v) for v in self.plan.tiles[tile_id])
+            self.ledger.mark_failed(TileOutcome(tile_id, row, col, stage, error.error_type, error.message,
+                                                self.attempts[tile_id]))
 
-    def run(self, todo: list[int]) -> None:
-        """Process ``todo`` tile ids until each is done or failed for good."""
+    def run(self, todo: list[int]) -> Execution:
+        """Process ``todo`` tile ids until each is done or failed for good; how the work was spread."""
         runs = _runs(todo, self.run_len)
         retry_read: deque[int] = deque()
         to_infer: deque[int] = deque()
@@ -304,7 +300,8 @@ class _Dispatcher:
             max_ready = 2 * self.call_tiles * max(1, len(self.actors))
             while runs and len(reading) < max_reading and len(to_infer) < max_ready:
                 ids = runs.popleft()
-                reading[self.tile_remote.remote(self.job_ref, [(i, int(tiles[i, 0]), int(tiles[i, 1])) for i in ids])] = ids
+                work = [(i, int(tiles[i, 0]), int(tiles[i, 1])) for i in ids]
+                reading[self.tile_remote.remote(self.job_ref, work)] = ids
             last_tiles = not runs and not reading
             for actor in self.actors.values():
                 # a full call, or whatever is ready for an idle actor (or at the end): calls grow while it is busy
@@ -328,16 +325,22 @@ class _Dispatcher:
                 flush_ledger(self.run_dir, self.ledger)
                 last_flush = time.monotonic()
         self.progress.close(len(self.ledger.done), len(self.ledger.failed))
-        self.settings["nodes"] = {role: sorted(ids) for role, ids in self.nodes.items()}
-        self.settings["actors"] = len(self.actors)
+        actors = len(self.actors)
         for actor in self.actors.values():
             ray.kill(actor.handle)
+        first = self.first
+        return Execution(
+            actors=actors, actor_cpus=first.num_cpus if first else None, threads=first.threads if first else None,
+            use_gpu=self.use_gpu, device=first.device if first else None, precision=self.plan.precision,
+            batch_size=self.batch_size, prefetch=self.ex.prefetch, tile_cpus=self.ex.tile_cpus,
+            readers_per_actor=first.readers if first else None, tiles_per_read=self.run_len,
+            tiles_per_call=self.call_tiles, nodes={role: sorted(ids) for role, ids in self.nodes.items()})
 
     def _read_done(self, ref: Any, ids: list[int], to_infer: deque[int], retry: deque[int]) -> None:
         try:
             node, results = ray.get(ref)
         except RayError as exc:  # the task's worker or node died: every tile of the run gets another try
-            results, node = [(i, _short(exc)) for i in ids], None
+            results, node = [(i, TileError.of(exc)) for i in ids], None
         if node:
             self.nodes["tile"].add(node)
         for i, err in results:
@@ -353,13 +356,17 @@ class _Dispatcher:
         except RayActorError as exc:
             self._replace(actor, exc)
             for i in ids:
-                self._failed_attempt(i, "infer", f"inference actor died: {_short(exc)}", to_infer)
+                died = TileError.of(exc)
+                self._failed_attempt(i, "infer", replace(died, message=f"inference actor died: {died.message}"),
+                                     to_infer)
             return
         self.nodes["infer"].add(node)
+        done = [i for i, err in results if err is None]
+        for i in done:
+            self.ledger.mark_done(i)
+        self.observer.tiles_done(done)
         for i, err in results:
-            if err is None:
-                self.ledger.mark_done(i)
-            else:
+            if err is not None:
                 self._failed_attempt(i, "infer", err, to_infer)
 
     def _replace(self, actor: _Actor, exc: Exception) -> None:
@@ -372,8 +379,9 @@ class _Dispatcher:
             log.warning("node %s left with inference actor %d", actor.shape.node_id, actor.key)
             return
         self.replacements += 1
-        if self.replacements > 3 * self.settings["actors"] + 3:
-            raise RuntimeError(f"inference actors keep dying ({self.replacements} replaced); last error: {exc}") from exc
+        if self.replacements > 3 * self.initial_actors + 3:
+            raise ExecutionError(f"inference actors keep dying ({self.replacements} replaced); last error: {exc}; "
+                                 "the tiles done so far are kept: fix the cause, then `geoseg rerun`") from exc
         log.warning("inference actor %d died (%s); starting a replacement", actor.key, type(exc).__name__)
         self._start(actor.shape)
 
@@ -387,13 +395,6 @@ def _runs(todo: list[int], run_len: int) -> deque[list[int]]:
         runs.append(todo[k:k + n])
         k, n = k + n, min(2 * n, run_len)
     return runs
-
-
-def _short(exc: Exception) -> str:
-    """One line for the ledger: the error's type and first line, without Ray's traceback."""
-    cause = getattr(exc, "cause", None) or exc
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
 class _Progress:

@@ -17,6 +17,7 @@ from shapely import wkt as shapely_wkt
 from geoseg.cluster import this_node
 from geoseg.grid import Grid
 from geoseg.plan import SceneUse, touches
+from geoseg.results import TileError
 from geoseg.scenes import SceneReader
 from geoseg.store import Stores
 
@@ -63,10 +64,9 @@ def make_tile(job: TileJob, stores: Stores, tile_id: int, row: int, col: int) ->
               for u in job.scenes_for(row, col)]
     image, valid = composite(layers, job.band_count, g.input_size, job.dtype)
     if job.region_grid_wkt is not None:
-        valid &= geometry_mask([shapely_wkt.loads(job.region_grid_wkt)], out_shape=shape, transform=transform, invert=True)
+        region = shapely_wkt.loads(job.region_grid_wkt)
+        valid &= geometry_mask([region], out_shape=shape, transform=transform, invert=True)
     stores.write_tile(tile_id, image, valid)
-
-
 
 
 @lru_cache(maxsize=8)
@@ -84,16 +84,16 @@ def _stores(run_dir: str, run_id: str) -> Stores:
     return Stores(run_dir)
 
 
-def run_tiles(job: TileJob, tiles: list[tuple[int, int, int]]) -> tuple[str, list[tuple[int, str | None]]]:
+def run_tiles(job: TileJob, tiles: list[tuple[int, int, int]]) -> tuple[str, list[tuple[int, TileError | None]]]:
     """Task body for a run of neighbouring (id, row, col) tiles: the scene blocks they share decode once, and
     the driver handles one task per run. Returns this node's id and (id, error) per tile instead of raising,
     so one bad tile is recorded alone and its neighbours go on."""
     stores = _stores(job.run_dir, job.run_id)
-    results: list[tuple[int, str | None]] = []
+    results: list[tuple[int, TileError | None]] = []
     for tile_id, row, col in tiles:
         try:
             make_tile(job, stores, tile_id, row, col)
             results.append((tile_id, None))
         except Exception as exc:  # any failure is this tile's, recorded in the ledger
-            results.append((tile_id, f"{type(exc).__name__}: {exc}"))
+            results.append((tile_id, TileError.of(exc)))
     return this_node(), results

@@ -88,10 +88,11 @@ def test_naive_loop_equals_geoseg_classes(tmp_path: Path, data_dir: Path) -> Non
     from geoseg.plan import load_plan
 
     scene = strzegom_scenes(data_dir)[-1]
-    runtime.run(RunConfig(scenes=(str(scene),), out=str(tmp_path / "run")), ExecutionSettings(progress=False))
+    report = runtime.run(RunConfig(scenes=(str(scene),), out=str(tmp_path / "run")), ExecutionSettings(progress=False))
     plan = load_plan(str(tmp_path / "run"))
+    assert report.execution is not None
     # at the run's own geometry, as the benchmark's "naive @ geoseg geometry" row runs it
-    stats = naive_segment(scene, tmp_path / "naive.tif", batch_size=plan.batch_size, tile_size=plan.grid.tile_size,
+    stats = naive_segment(scene, tmp_path / "naive.tif", batch_size=report.execution.batch_size, tile_size=plan.grid.tile_size,
                           halo=plan.grid.halo)
     with rasterio.open(tmp_path / "run" / "classes.tif") as a, rasterio.open(tmp_path / "naive.tif") as b:
         ours, naive = a.read(1), b.read(1)
@@ -251,7 +252,7 @@ def test_peak_sampler_sees_a_child_process_grow(tmp_path: Path) -> None:
 
 def test_header_only_granules_plan_without_pixels(tmp_path: Path) -> None:
     from geoseg.config import RunConfig
-    from geoseg.plan import make_plan
+    from geoseg.planner import make_plan
 
     n = header_only_scenes(tmp_path / "g", (14.0, 16.8), (50.0, 50.9), (1.4, 0.9))
     files = sorted((tmp_path / "g").glob("*.tif"))

@@ -15,7 +15,7 @@ from geoseg import store
 from geoseg.config import RunConfig
 from geoseg.infer import Predictor, predict, prepare
 from geoseg.model.checkpoint import load_model
-from geoseg.plan import make_plan
+from geoseg.planner import make_plan
 from geoseg.tile import TileJob, make_tile
 
 

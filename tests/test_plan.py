@@ -12,7 +12,8 @@ from pyproj import CRS
 from conftest import write_raster
 from geoseg.config import RunConfig
 from geoseg.errors import CheckpointError, ConfigError, RegionError, SceneError, SceneReadError
-from geoseg.plan import RunPlan, describe, make_plan
+from geoseg.plan import RunPlan
+from geoseg.planner import describe, make_plan
 from geoseg.scenes import SceneReader, open_scene
 
 S2_BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
@@ -127,3 +128,17 @@ def test_reprojected_read_marks_outside_pixels_invalid(data_dir: Path) -> None:
     assert 0 < valid.mean() < 1  # the halo reaches outside the scene
     assert (data[:, valid] > 0).mean() > 0.99  # the scene itself has a few zero pixels
     assert (data[:, ~valid] == 0).all()
+
+
+def test_a_local_model_path_is_stored_absolute(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every node resolves the plan's model the same way, whatever directory the user typed it from."""
+    import shutil
+
+    from geoseg.model import SHIPPED
+
+    shutil.copyfile(SHIPPED["sentinel2-lulc"], tmp_path / "mine.pt")
+    monkeypatch.chdir(tmp_path)
+    plan = make_plan(RunConfig(scenes=(s2_scene(data_dir),), out="unused", model="mine.pt"))
+    assert plan.model == str(tmp_path / "mine.pt")
+    assert make_plan(RunConfig(scenes=(s2_scene(data_dir),), out="unused", model="sentinel2-lulc")).model \
+        == "sentinel2-lulc"

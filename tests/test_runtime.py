@@ -31,13 +31,14 @@ from pyproj import CRS
 from shapely import union_all
 
 from geoseg import runtime
-from geoseg.cli import main
+from geoseg.cli import EXIT_TILES_FAILED, main
 from geoseg.cluster import uses_gpu
-from geoseg.config import CPU_BATCH_PX, GPU_BATCH_PX, ExecutionSettings, RunConfig
+from geoseg.config import CPU_BATCH_PX, GPU_BATCH_PX, ExecutionSettings, RunConfig, default_batch_size
 from geoseg.errors import PlanMismatchError
 from geoseg.model.checkpoint import load_card
 from geoseg.mosaic import mosaic
-from geoseg.plan import load_plan, make_plan
+from geoseg.plan import load_plan
+from geoseg.planner import make_plan
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -183,6 +184,23 @@ def test_existing_run_dir_with_another_plan_is_refused(s2_run: Path, data_dir: P
     assert (s2_run / "classes.tif").read_bytes() == before  # nothing already done is lost
 
 
+def test_precision_is_the_plans_and_every_later_run_keeps_it(s2_run: Path, data_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """bf16 and fp32 make different maps, so the precision is part of the plan: asking another one of an existing
+    run is refused, and a run on other hardware uses the plan's (here bf16 on CPU actors)."""
+    scene = str(s2_path(data_dir))
+    assert main(["run", "--scenes", scene, "--out", str(s2_run), "--precision", "bf16"]) == 2
+    assert "PlanMismatchError" in capsys.readouterr().err
+    out = tmp_path / "bf16"
+    code = main(["run", "--scenes", scene, "--out", str(out), "--precision", "bf16"])
+    assert code == 0, capsys.readouterr()
+    assert main(["run", "--scenes", scene, "--out", str(out)]) == 0  # no --precision: the plan's, not fp32
+    report = json.loads((out / "report.json").read_text())
+    assert load_plan(str(out)).precision == "bf16" and report["execution"] is None  # nothing left to redo
+    bf16, fp32 = read_classes(out), read_classes(s2_run)
+    assert (bf16 == fp32).mean() > 0.97 and not np.array_equal(bf16, fp32)
+
+
 def test_settings_the_cluster_cannot_hold_are_named_errors_and_rerun_recovers(
         tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Actors that would take every CPU, or GPUs the cluster lacks, are refused at once (not a hang); the
@@ -214,10 +232,13 @@ def test_default_batch_fills_a_gpu_when_the_cluster_has_one(data_dir: Path) -> N
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-2:] == ["True", "False"]
     assert not uses_gpu(ExecutionSettings())  # this session's Ray has no GPU
+    assert default_batch_size(True, 384) == GPU_BATCH_PX // 384**2 == 64
+    assert default_batch_size(False, 384) == CPU_BATCH_PX // 384**2 == 4
+    assert default_batch_size(False, 416 + 2 * 64) == 1
     config = RunConfig(scenes=(str(s2_path(data_dir)),), out="unused", tile_size=256)
-    assert make_plan(config, use_gpu=True).batch_size == GPU_BATCH_PX // 384**2 == 64
-    assert make_plan(config, use_gpu=False).batch_size == CPU_BATCH_PX // 384**2 == 4
-    assert make_plan(replace(config, tile_size=None), use_gpu=False).batch_size == 1  # one 416 + 2 x 64 px tile
+    # the batch is an execution setting; what changes the map, the precision, is the plan's
+    assert make_plan(config, use_gpu=True).precision == "bf16" and make_plan(config).precision == "fp32"
+    assert make_plan(replace(config, precision="bf16")).precision == "bf16"
 
 
 # --- failures and reruns: 64 px tiles so the 401 px scene makes 49 tiles -------------------------------
@@ -253,23 +274,26 @@ def test_truncated_scene_fails_its_tiles_and_rerun_redoes_only_them(
     out = tmp_path / "run"
 
     code = main(["run", "--scenes", str(scene), "--out", str(out), *SMALL_TILES])
-    assert code == runtime.EXIT_TILES_FAILED
+    assert code == EXIT_TILES_FAILED
     report = json.loads((out / "report.json").read_text())
     assert 0 < report["tiles_failed"] < report["tiles_total"]
     assert report["tiles_done"] + report["tiles_failed"] == report["tiles_total"]
-    assert all("truncated" in t["error"] and t["stage"] == "tile" for t in report["failed_tiles"])
+    assert all("truncated" in t["message"] and t["error_type"] == "SceneReadError" and t["stage"] == "tile"
+               for t in report["failed_tiles"])
     assert min(t["row"] for t in report["failed_tiles"]) >= 3  # only tiles reading the lost rows
     assert (out / "classes.tif").exists() and (out / "landcover.gpkg").exists()  # outputs for the rest
     capsys.readouterr()
-    assert main(["status", str(out)]) == runtime.EXIT_TILES_FAILED
+    assert main(["status", str(out)]) == EXIT_TILES_FAILED
     status_text = capsys.readouterr().out
     assert f"{report['tiles_failed']} failed" in status_text and "truncated" in status_text
 
     shutil.copyfile(good, scene)  # the scene is repaired (downloaded again)
     failed = report["tiles_failed"]
-    assert main(["rerun", str(out)]) == 0
+    # execution flags are the rerun's own: another batch size changes no pixel (batches are padded)
+    assert main(["rerun", str(out), "--batch-size", "3", "--actors", "1"]) == 0
     rerun = check_outputs(out, data_dir / "sentinel2_strzegom" / "classes.json")
     assert rerun["tiles_processed"] == failed and rerun["tiles_failed"] == 0
+    assert rerun["execution"]["batch_size"] == 3 and rerun["execution"]["actors"] == 1
     assert np.array_equal(read_classes(out), read_classes(clean_small_run))
 
 
@@ -332,7 +356,7 @@ def test_rerun_at_the_default_geometry_gives_the_clean_run(tmp_path: Path, data_
     assert main(["run", "--scenes", str(good), "--out", str(clean)]) == 0
     data = good.read_bytes()
     scene.write_bytes(data[: int(len(data) * 0.995)])  # rows past ~1094 lost: row 0 reads up to 1088
-    assert main(["run", "--scenes", str(scene), "--out", str(out)]) == runtime.EXIT_TILES_FAILED
+    assert main(["run", "--scenes", str(scene), "--out", str(out)]) == EXIT_TILES_FAILED
     plan = load_plan(str(out))
     report = json.loads((out / "report.json").read_text())
     assert plan.grid.tile_size == 1024 and plan.tile_count == 4

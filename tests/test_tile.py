@@ -16,7 +16,7 @@ from rasterio.vrt import WarpedVRT
 
 from geoseg import store
 from geoseg.config import RunConfig
-from geoseg.plan import make_plan
+from geoseg.planner import make_plan
 from geoseg.scenes import SceneReader
 from geoseg.tile import TileJob, _reader, composite, make_tile
 

@@ -1,0 +1,214 @@
+"""The planner: open every scene's header, check it against the model card, lay the grid and tiles.
+
+Reads no pixels and fails fast with a named error on anything no tile could use. Runs on the driver only.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from pyproj import CRS as ProjCRS
+from pyproj import Transformer
+from rasterio.warp import calculate_default_transform
+from shapely import wkt as shapely_wkt
+from shapely.geometry import Point, box
+from shapely.geometry.base import BaseGeometry
+from shapely.ops import transform as shapely_transform
+from shapely.ops import unary_union
+
+from geoseg.config import RunConfig, default_tile_size
+from geoseg.errors import ConfigError, RegionError, SceneError
+from geoseg.grid import Grid, snap_grid, tiles_covering, utm_epsg
+from geoseg.model import SHIPPED
+from geoseg.model.card import ModelCard
+from geoseg.plan import RunPlan, SceneUse, touches
+from geoseg.scenes import Scene, band_indexes, open_scene
+
+log = logging.getLogger(__name__)
+
+RESOLUTION_WARN_FACTOR = 4.0
+
+
+def default_model(scene: Scene) -> str:
+    """The shipped model for a scene's kind of imagery: 16-bit multispectral → Sentinel-2, 8-bit → RGB."""
+    if scene.dtype == "uint16" and len(scene.band_names) >= 10:
+        return "sentinel2-lulc"
+    if scene.dtype == "uint8" and len(scene.band_names) in (3, 4):
+        return "aerial-rgb"
+    raise SceneError(
+        f"no shipped model fits scene {scene.url} ({len(scene.band_names)} bands, {scene.dtype}): "
+        f"pass --model with one of {sorted(SHIPPED)} or a checkpoint path"
+    )
+
+
+def check_scene(scene: Scene, card: ModelCard) -> tuple[int, ...]:
+    """The contract check: the scene's pixel type and bands must fit the model card."""
+    if scene.dtype != card.input_dtype:
+        raise SceneError(
+            f"scene {scene.url} is {scene.dtype} but model {card.name!r} expects {card.input_dtype} "
+            f"({', '.join(card.bands)}): choose a model for this imagery with --model"
+        )
+    return band_indexes(scene, card.bands)
+
+
+@lru_cache(maxsize=256)
+def parse_crs(crs: str) -> ProjCRS:
+    """A CRS parsed once: a continental plan has hundreds of scenes in a handful of CRSs."""
+    return ProjCRS.from_user_input(crs)
+
+
+@lru_cache(maxsize=256)
+def transformer(src: str, dst: str) -> Transformer:
+    """A coordinate transformer built once per pair of CRSs (building one costs milliseconds)."""
+    return Transformer.from_crs(parse_crs(src), parse_crs(dst), always_xy=True)
+
+
+def _footprint(scene: Scene, crs: str) -> BaseGeometry:
+    """The scene's extent in ``crs``, densified so curved edges survive reprojection."""
+    outline = box(*scene.bounds).segmentize(max(scene.res * scene.width, scene.res * scene.height) / 64)
+    return shapely_transform(transformer(scene.crs, crs).transform, outline)
+
+
+def region_in(region: BaseGeometry, crs: str) -> BaseGeometry:
+    """A lon/lat region in the grid's CRS, densified so its edges follow the projection."""
+    return shapely_transform(transformer("EPSG:4326", crs).transform, region.segmentize(0.01))
+
+
+def _native_res(scene: Scene, crs: str) -> float:
+    """The scene's pixel size expressed in the grid CRS's units."""
+    if parse_crs(scene.crs) == parse_crs(crs):
+        return scene.res
+    transform, _, _ = calculate_default_transform(scene.crs, crs, scene.width, scene.height, *scene.bounds)
+    return abs(float(transform.a))
+
+
+def _is_aligned(scene: Scene, grid: Grid) -> bool:
+    """Same CRS, same pixel size and pixel corners on the grid's lattice: read without resampling."""
+    if parse_crs(scene.crs) != parse_crs(grid.crs):
+        return False
+    a, _, c, _, e, f = scene.transform
+    if not np.isclose(a, grid.res, rtol=1e-9) or not np.isclose(-e, grid.res, rtol=1e-9):
+        return False
+    dx, dy = (c - grid.left) / grid.res, (grid.top - f) / grid.res
+    return bool(np.isclose(dx, round(dx), atol=1e-6) and np.isclose(dy, round(dy), atol=1e-6))
+
+
+def make_plan(config: RunConfig, use_gpu: bool = False) -> RunPlan:
+    """Open every scene, check it against the model card, and lay the grid and tiles.
+
+    Reads only scene headers: no pixels. Fails fast with a named error on anything no tile could use.
+    ``use_gpu`` only picks the default precision (bf16 on GPU actors, fp32 on CPU ones).
+    """
+    from geoseg.model.checkpoint import load_card  # torch: only when a plan is made
+
+    scenes = [open_scene(url, config.bands) for url in config.scenes]
+    model = resolve_model(config.model) if config.model else default_model(scenes[0])
+    card = load_card(model)
+    band_map = [check_scene(s, card) for s in scenes]
+
+    region = shapely_wkt.loads(config.region_wkt) if config.region_wkt else None
+    if config.crs:
+        crs = parse_crs(config.crs)
+        if not crs.is_projected:
+            raise ConfigError(f"--crs {config.crs} is not a projected CRS: name one in metres, e.g. a UTM zone")
+        crs_text = crs.to_wkt()
+    else:
+        centre = region.centroid if region is not None else _lonlat_centre(scenes)
+        crs_text = ProjCRS.from_epsg(utm_epsg(centre.x, centre.y)).to_wkt()
+
+    footprints = [_footprint(s, crs_text) for s in scenes]
+    area = unary_union(footprints)
+    if region is not None:
+        area = area.intersection(region_in(region, crs_text))
+        if area.is_empty:
+            raise RegionError("the region intersects none of the scenes: check its coordinates are lon/lat (EPSG:4326)")
+
+    resolutions = [_native_res(s, crs_text) for s in scenes]
+    res = config.resolution or min(resolutions)
+    if res <= 0:
+        raise ConfigError(f"--resolution must be positive, got {res}")
+    finest = scenes[int(np.argmin(resolutions))]
+    anchor = (finest.transform[2], finest.transform[5]) if np.isclose(_native_res(finest, crs_text), res) and \
+        parse_crs(finest.crs) == parse_crs(crs_text) else (0.0, 0.0)
+    grid = snap_grid(area.bounds, res, anchor, crs_text, 1, card.halo if config.halo is None else config.halo)
+    grid = replace(grid, tile_size=config.tile_size or default_tile_size(grid.width, grid.height))
+    tiles = tiles_covering(grid, area)
+
+    warnings = []
+    for s, r in zip(scenes, resolutions, strict=True):
+        if max(r, card.gsd_m) / min(r, card.gsd_m) > RESOLUTION_WARN_FACTOR:
+            msg = (f"scene {s.url} has {r:.3g} m pixels, more than {RESOLUTION_WARN_FACTOR:g}x off the "
+                   f"{card.gsd_m:g} m model {card.name!r} was trained for: expect weaker predictions")
+            log.warning(msg)
+            warnings.append(msg)
+    uses = tuple(
+        SceneUse(scene=s, bands=b, grid_bounds=_bounds(fp), aligned=_is_aligned(s, grid))
+        for s, b, fp in zip(scenes, band_map, footprints, strict=True)
+    )
+    return RunPlan(
+        run_id=uuid.uuid4().hex[:12],
+        model=model,
+        model_name=card.name,
+        model_version=card.version,
+        scenes=uses,
+        grid=grid,
+        tiles=tiles,
+        region_wkt=config.region_wkt,
+        precision=config.precision or ("bf16" if use_gpu else "fp32"),
+        vectorise=config.vectorise,
+        warnings=tuple(warnings),
+    )
+
+
+def _bounds(geometry: BaseGeometry) -> tuple[float, float, float, float]:
+    left, bottom, right, top = (float(v) for v in geometry.bounds)
+    return left, bottom, right, top
+
+
+def resolve_model(model: str) -> str:
+    """A model as every node finds it: a shipped name or URL as given, a local checkpoint as an absolute path."""
+    if model in SHIPPED or "://" in model:
+        return model
+    return str(Path(model).expanduser().resolve())
+
+
+def _lonlat_centre(scenes: list[Scene]) -> Point:
+    """Centre of the scenes' union in lon/lat: where the default UTM zone is taken."""
+    return unary_union([_footprint(s, "EPSG:4326") for s in scenes]).centroid
+
+
+def describe(plan: RunPlan) -> str:
+    """A human summary of the plan, what ``--dry-run`` prints."""
+    g = plan.grid
+    crs = parse_crs(g.crs)
+    name = f"EPSG:{crs.to_epsg()}" if crs.to_epsg() else crs.name
+    per_tile = _scenes_per_tile(plan)
+    lines = [
+        f"model     {plan.model_name} {plan.model_version} ({plan.model})",
+        f"grid      {name}, {g.res:g} m pixels, {g.width} x {g.height} px, origin ({g.left:.2f}, {g.top:.2f})",
+        f"tiles     {plan.tile_count} of {g.tile_size} px + {g.halo} px halo (input {g.input_size} px), "
+        f"{g.tile_rows} x {g.tile_cols} tile grid",
+        f"area      {plan.tile_count * (g.tile_size * g.res) ** 2 / 1e6:.3f} km2 covered by tiles",
+        f"scenes    {len(plan.scenes)}; scenes per tile: min {per_tile.min()}, mean {per_tile.mean():.2f}, "
+        f"max {per_tile.max()}",
+    ]
+    lines += [f"  {u.scene.url}  bands {u.bands}  {'aligned' if u.aligned else 'reprojected'}" for u in plan.scenes]
+    lines += [f"warning   {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def _scenes_per_tile(plan: RunPlan) -> npt.NDArray[np.int64]:
+    """How many scenes' footprint boxes touch each tile's input square."""
+    boxes = plan.grid.input_boxes(plan.tiles)
+    counts = np.zeros(plan.tile_count, np.int64)
+    for u in plan.scenes:
+        counts += touches(boxes, u.grid_bounds)
+    return counts
+
+
