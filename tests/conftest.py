@@ -1,10 +1,14 @@
-"""Shared fixtures: the real data folder and one local Ray cluster for the whole session."""
+"""Shared fixtures: the real data folder, one local Ray cluster for the whole session, small rasters made in code.
+
+Tiers: a test that needs a Ray cluster is marked ``slow`` here (explicitly marked ones too); ``pytest -m "not
+slow"`` (``make quick``) is the edit-test loop, CI runs everything.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,7 +47,20 @@ def ray_session() -> Iterator[None]:
         ray.shutdown()
 
 
-def write_raster(path: Path, data: "np.ndarray", crs: str | None = "EPSG:32633", transform: "Affine | None" = None,
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on the session's Ray cluster is slow (a cluster start, then real runs)."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def write_raster() -> Callable[..., Path]:
+    """A maker of small GeoTIFFs from arrays: ``write_raster(path, data[bands, y, x], crs=..., transform=...)``."""
+    return _write_raster
+
+
+def _write_raster(path: Path, data: np.ndarray, crs: str | None = "EPSG:32633", transform: Affine | None = None,
                  nodata: float | None = None, descriptions: tuple[str, ...] | None = None,
                  alpha_last: bool = False) -> Path:
     """A small GeoTIFF made in code (bands, y, x), for fixtures that need an exact known raster."""
@@ -51,8 +68,8 @@ def write_raster(path: Path, data: "np.ndarray", crs: str | None = "EPSG:32633",
     from affine import Affine
     from rasterio.enums import ColorInterp
 
-    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=str(data.dtype),
-                   transform=transform or Affine(10, 0, 500000, 0, -10, 5650000), nodata=nodata)
+    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                   dtype=str(data.dtype), transform=transform or Affine(10, 0, 500000, 0, -10, 5650000), nodata=nodata)
     if crs is not None:
         profile["crs"] = crs
     with rasterio.open(path, "w", **profile) as dst:

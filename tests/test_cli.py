@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import geopandas as gpd
@@ -11,7 +12,6 @@ import pytest
 from affine import Affine
 from shapely import wkt
 
-from conftest import write_raster
 from geoseg.cli import main, parse_region
 from geoseg.errors import ConfigError, RegionError
 
@@ -38,7 +38,7 @@ def test_region_from_geojson_and_bbox(tmp_path: Path) -> None:
         parse_region(str(point), None)
 
 
-def test_vectorise_command_writes_the_landcover_layer(tmp_path: Path) -> None:
+def test_vectorise_command_writes_the_landcover_layer(tmp_path: Path, write_raster: Callable[..., Path]) -> None:
     classes = np.zeros((1, 40, 60), np.uint8)
     classes[0, 5:20, 5:30] = 1
     classes[0, 20:35, 10:50] = 2

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 
+from geoseg.cli import main
+from geoseg.config import RunConfig
 from geoseg.evaluate import confusion_matrix, evaluate_arrays, evaluate_rasters, format_table
+from geoseg.model.checkpoint import load_card
+from geoseg.plan import save_plan
+from geoseg.planner import make_plan
 
 
 def from_origin(west: float, north: float, xsize: float, ysize: float) -> rasterio.Affine:
@@ -91,3 +98,37 @@ def test_table_columns_stay_apart_for_large_counts() -> None:
     r = evaluate_arrays(np.repeat(np.array([1, 2]), [1_234_567, 5]), np.repeat(np.array([1, 1]), [1_234_567, 5]))
     row = format_table(r).splitlines()[2].split()
     assert row == ["1", "1234567", "5"]
+
+
+def test_the_evaluate_command_scores_a_run_against_real_labels(
+        tmp_path: Path, data_dir: Path, write_raster: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """`geoseg evaluate RUN_DIR --reference LABELS` on a run folder (its plan and class raster): a map equal to the
+    labels scores 1.0; one class painted over with another loses exactly that class's pixels; the result is
+    printed and saved as evaluation.json. No Ray needed: the command reads rasters only."""
+    labels = data_dir / "sentinel2_strzegom" / "labels" / "strzegom_20230530_33u.tif"
+    scene = data_dir / "sentinel2_strzegom" / "scenes" / "strzegom_20230530_33u.tif"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_plan(str(run_dir), make_plan(RunConfig(scenes=(str(scene),), out=str(run_dir))))
+    with rasterio.open(labels) as src:
+        ref, crs, transform = src.read(1), src.crs, src.transform
+    write_raster(run_dir / "classes.tif", ref[None].astype(np.uint8), crs=crs, transform=transform)
+    assert main(["evaluate", str(run_dir), "--reference", str(labels)]) == 0
+    saved = json.loads((run_dir / "evaluation.json").read_text())
+    assert saved["miou"] == 1.0 and saved["overall_accuracy"] == 1.0 and saved["pixels"] == int((ref > 0).sum())
+    assert "miou" in capsys.readouterr().out
+
+    ids, counts = np.unique(ref[ref > 0], return_counts=True)
+    gone, into = int(ids[np.argmin(counts)]), int(ids[np.argmax(counts)])  # the rarest class painted as the commonest
+    wrong = np.where(ref == gone, into, ref).astype(np.uint8)
+    write_raster(run_dir / "classes.tif", wrong[None], crs=crs, transform=transform)
+    assert main(["evaluate", str(run_dir), "--reference", str(labels)]) == 0
+    saved = json.loads((run_dir / "evaluation.json").read_text())
+    assert saved["iou"][str(gone)] == 0.0
+    assert saved["iou"][str(into)] == pytest.approx(counts.max() / (counts.max() + counts.min()))
+    assert saved["overall_accuracy"] == pytest.approx(1 - counts.min() / counts.sum())
+    names = {c.id: c.name for c in load_card("sentinel2-lulc").classes}
+    assert saved["names"][str(into)] == names[into]
+
+    assert main(["evaluate", str(tmp_path / "no-run"), "--reference", str(labels)]) == 2
+    assert "RunDirError" in capsys.readouterr().err

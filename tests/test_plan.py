@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,6 @@ import pytest
 from affine import Affine
 from pyproj import CRS
 
-from conftest import write_raster
 from geoseg.config import RunConfig
 from geoseg.errors import CheckpointError, ConfigError, RegionError, SceneError, SceneReadError
 from geoseg.plan import RunPlan
@@ -68,7 +68,7 @@ def test_geographic_output_crs_is_refused(data_dir: Path) -> None:
         make_plan(RunConfig(scenes=(s2_scene(data_dir),), out="unused", crs="EPSG:4326"))
 
 
-def test_scene_without_crs_is_refused(tmp_path: Path) -> None:
+def test_scene_without_crs_is_refused(tmp_path: Path, write_raster: Callable[..., Path]) -> None:
     path = write_raster(tmp_path / "nocrs.tif", np.ones((3, 8, 8), np.uint8), crs=None)
     with pytest.raises(SceneError, match="no CRS"):
         make_plan(RunConfig(scenes=(str(path),), out="unused"))
@@ -83,7 +83,8 @@ def test_missing_and_unreadable_scenes_are_refused(tmp_path: Path) -> None:
         make_plan(RunConfig(scenes=(str(junk),), out="unused"))
 
 
-def test_bands_that_do_not_fit_the_model_are_refused(tmp_path: Path, data_dir: Path) -> None:
+def test_bands_that_do_not_fit_the_model_are_refused(tmp_path: Path, data_dir: Path,
+                                                     write_raster: Callable[..., Path]) -> None:
     rgb = write_raster(tmp_path / "rgb.tif", np.ones((3, 8, 8), np.uint8))
     with pytest.raises(SceneError, match="expects uint16"):
         make_plan(RunConfig(scenes=(str(rgb),), out="unused", model="sentinel2-lulc"))
@@ -97,7 +98,7 @@ def test_bands_that_do_not_fit_the_model_are_refused(tmp_path: Path, data_dir: P
         make_plan(RunConfig(scenes=(str(rgb),), out="unused", bands=("red", "green")))
 
 
-def test_explicit_band_names_reorder_the_scene(tmp_path: Path) -> None:
+def test_explicit_band_names_reorder_the_scene(tmp_path: Path, write_raster: Callable[..., Path]) -> None:
     bgr = write_raster(tmp_path / "bgr.tif", np.stack([np.full((8, 8), v, np.uint8) for v in (1, 2, 3)]))
     plan = make_plan(RunConfig(scenes=(str(bgr),), out="unused", bands=("blue", "green", "red")))
     assert plan.scenes[0].bands == (3, 2, 1)
@@ -110,7 +111,7 @@ def test_non_geoseg_checkpoint_is_refused(tmp_path: Path, data_dir: Path) -> Non
         make_plan(RunConfig(scenes=(s2_scene(data_dir),), out="unused", model=str(bogus)))
 
 
-def test_far_resolution_gives_a_warning_not_a_refusal(tmp_path: Path) -> None:
+def test_far_resolution_gives_a_warning_not_a_refusal(tmp_path: Path, write_raster: Callable[..., Path]) -> None:
     fine = write_raster(tmp_path / "fine.tif", np.ones((3, 16, 16), np.uint8),
                         transform=Affine(0.01, 0, 500000, 0, -0.01, 5650000))
     plan = make_plan(RunConfig(scenes=(str(fine),), out="unused", model="aerial-rgb"))
