@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import weakref
 from pathlib import Path
 
 import geopandas as gpd
@@ -14,14 +15,22 @@ import rasterio
 import rasterio.features
 import shapely
 from affine import Affine
+from conftest import write_raster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shapely.geometry import shape
 
-from conftest import write_raster
 from geoseg.errors import ConfigError
-from geoseg.vectorise import (CLASS_NAMES_TAG, SeamJoiner, block_grid, load_legend, merge_task, polygonise_block,
-                              vectorise)
+from geoseg.vectorise import (
+    CLASS_NAMES_TAG,
+    Held,
+    SeamJoiner,
+    block_grid,
+    load_legend,
+    merge_task,
+    polygonise_block,
+    vectorise,
+)
 
 TRANSFORM = Affine(10, 0, 500000, 0, -10, 5650000)
 PIXEL_M2 = 100.0
@@ -59,7 +68,7 @@ def assert_equal_to_whole(gdf: gpd.GeoDataFrame, a: np.ndarray, connectivity: in
         assert gdf.area_m2[got_cls == c].sum() == pytest.approx((a == c).sum() * pixel, rel=1e-12)
     tree = shapely.STRtree(got)
     used = np.zeros(len(got), dtype=bool)
-    for g, c in zip(ref, ref_cls):
+    for g, c in zip(ref, ref_cls, strict=True):
         hits = [i for i in tree.query(shapely.point_on_surface(g), predicate="intersects")
                 if got_cls[i] == c and not used[i]]
         match = [i for i in hits if shapely.symmetric_difference(got[i], g).area < 1e-6 * pixel]
@@ -210,24 +219,35 @@ def test_seam_joiner_holds_only_the_front_of_arrived_blocks(connectivity: int) -
     joiner = SeamJoiner(grid, connectivity)
     handed_out_early = 0
     regions = 0
+    wkb_refs: dict[tuple[int, int], weakref.ref[np.ndarray]] = {}
+    pieces_left: dict[tuple[int, int], int] = {}  # per block: pieces not yet handed to a merge job
     for w in grid:
         block, wkb = polygonise_block(a[w.row_off:w.row_off + w.height, w.col_off:w.col_off + w.width], None, w,
                                       connectivity)
         regions += len(block.final.wkb)
+        wkb_refs[(w.bi, w.bj)], pieces_left[(w.bi, w.bj)] = weakref.ref(wkb), len(block.piece_labels)
         groups = joiner.add(block, wkb)
-        assert len(joiner.strips) <= per_row + 2
-        # a block's piece geometries are referenced exactly while one of its pieces is held
-        assert set(joiner.sources) == {source for source, *_ in joiner.data.values()}
+        del wkb
+        held = joiner.held()
+        assert held.strip_blocks <= per_row + 2
+        assert held.handles == held.blocks_with_pieces
         if groups:
             job, sources = joiner.take(groups, None)
             for cls in np.split(job.classes, job.starts[1:]):
                 assert (cls == cls[0]).all()  # a region's pieces share their class
+            for s, n in zip(*np.unique(job.source, return_counts=True), strict=True):
+                (key,) = [k for k, r in wkb_refs.items() if r() is sources[s]]
+                pieces_left[key] -= int(n)
             merged = merge_task(job, *sources)
+            del sources
             regions += len(merged.wkb)
             handed_out_early += w.bi < grid[-1].bi
+        # a block's piece geometries are kept alive (by the joiner) exactly while one of its pieces is held
+        assert {k for k, r in wkb_refs.items() if r() is not None} == {k for k, n in pieces_left.items() if n}
     assert handed_out_early > 0
-    assert len(joiner) == 0 and not joiner.strips and not joiner.parent and not joiner.waiting
-    assert not joiner.sources and not joiner.untaken  # every block's piece geometries handed on
+    assert len(joiner) == 0
+    assert joiner.held() == Held(pieces=0, open_pieces=0, strip_blocks=0, handles=0, blocks_with_pieces=0,
+                                 waiting_for=0)  # every block's strips and piece geometries handed on
     assert regions == len(reference(a, connectivity)[0])
 
 
@@ -250,7 +270,7 @@ def test_layer_columns_metadata_index_and_confidence(tmp_path: Path) -> None:
     for _, row in gdf.iterrows():
         mask = rasterio.features.geometry_mask([row.geometry], a.shape, TRANSFORM, invert=True)
         assert row.mean_confidence == pytest.approx(conf[mask].mean() / 255)
-    assert dict(zip(gdf.class_id, gdf.class_name)) == {1: "forest", 2: "water", 3: "urban"}
+    assert dict(zip(gdf.class_id, gdf.class_name, strict=True)) == {1: "forest", 2: "water", 3: "urban"}
     import sqlite3
 
     with sqlite3.connect(out) as db:
@@ -311,7 +331,7 @@ def test_ray_tasks_give_the_same_result(tmp_path: Path, ray_session: None) -> No
 
 # --- real class rasters -------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def predicted_classes(data_dir: Path, date: str) -> tuple[np.ndarray, np.ndarray, Affine]:
     """Real class raster and confidence of one Strzegom scene: the shipped Sentinel-2 model's prediction."""
     import torch
@@ -357,7 +377,7 @@ def naive_label(a: np.ndarray, connectivity: int) -> np.ndarray:
     steps = [(0, 1), (1, 0), (0, -1), (-1, 0)] + ([(1, 1), (1, -1), (-1, 1), (-1, -1)] if connectivity == 8 else [])
     labels = np.zeros(a.shape, dtype=np.int64)
     n = 0
-    for r0, c0 in zip(*np.nonzero(a)):
+    for r0, c0 in zip(*np.nonzero(a), strict=True):
         if labels[r0, c0]:
             continue
         n += 1
@@ -379,10 +399,10 @@ def naive_sieve(a: np.ndarray, connectivity: int, min_pixels: int) -> np.ndarray
     while True:
         labels = naive_label(a, connectivity)
         ids, first, area = np.unique(labels, return_index=True, return_counts=True)
-        info = {int(i): (int(n), int(f)) for i, f, n in zip(ids, first, area) if i}
+        info = {int(i): (int(n), int(f)) for i, f, n in zip(ids, first, area, strict=True) if i}
         shared: dict[int, dict[int, int]] = {i: {} for i in info}
         for x, y in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
-            for p, q in zip(x.ravel(), y.ravel()):
+            for p, q in zip(x.ravel(), y.ravel(), strict=True):
                 if p and q and p != q:
                     shared[p][q] = shared[p].get(q, 0) + 1
                     shared[q][p] = shared[q].get(p, 0) + 1
@@ -395,8 +415,8 @@ def naive_sieve(a: np.ndarray, connectivity: int, min_pixels: int) -> np.ndarray
 
 
 def rasterise_layer(gdf: gpd.GeoDataFrame, shape_: tuple[int, int], transform: Affine = TRANSFORM) -> np.ndarray:
-    return rasterio.features.rasterize(zip(gdf.geometry, gdf.class_id), out_shape=shape_, transform=transform,
-                                       dtype="uint8")
+    return rasterio.features.rasterize(zip(gdf.geometry, gdf.class_id, strict=True), out_shape=shape_,
+                                       transform=transform, dtype="uint8")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
