@@ -60,7 +60,7 @@ def make_tile(job: TileJob, stores: Stores, tile_id: int, row: int, col: int) ->
     g = job.grid
     transform = g.input_transform(row, col)
     shape = (g.input_size, g.input_size)
-    layers = [_reader(u.scene.url, job.execution_id).read(u.bands, g.crs, transform, shape, u.aligned)
+    layers = [open_reader(u.scene.url, job.execution_id).read(u.bands, g.crs, transform, shape, u.aligned)
               for u in job.scenes_for(row, col)]
     image, valid = composite(layers, job.band_count, g.input_size, job.dtype)
     if job.region_grid_wkt is not None:
@@ -70,7 +70,7 @@ def make_tile(job: TileJob, stores: Stores, tile_id: int, row: int, col: int) ->
 
 
 @lru_cache(maxsize=8)
-def _reader(url: str, execution_id: str) -> SceneReader:
+def open_reader(url: str, execution_id: str) -> SceneReader:
     """A scene kept open by a reused worker process for the tiles of one execution: the blocks it decoded
     serve the neighbouring tiles too. A later run or rerun opens it afresh (a repaired scene is read anew)."""
     return SceneReader(url)

@@ -33,7 +33,8 @@ def test_batches_stream_into_one_layer_with_index_and_metadata(tmp_path: Path) -
     with GpkgWriter(out, "landcover", "EPSG:32633", FIELDS, {"run_id": "r1"}, batch_size=7) as w:
         for k in range(5):
             w.write(*batch(4, 4 * k))
-            assert w._buffered < 7  # flushed whenever the buffer reaches a batch
+            on_disk = pyogrio.read_info(w.tmp_path, layer="landcover")["features"] if w.tmp_path.exists() else 0
+            assert 4 * (k + 1) - on_disk < 7  # flushed whenever the buffer reaches a batch: memory stays bounded
         assert not out.exists()  # nothing published before commit
     assert [p.name for p in tmp_path.iterdir()] == ["o.gpkg"]  # no temporary file left behind
     info = pyogrio.read_info(out, layer="landcover")

@@ -18,7 +18,7 @@ from geoseg import store
 from geoseg.config import RunConfig
 from geoseg.planner import make_plan
 from geoseg.scenes import SceneReader
-from geoseg.tile import TileJob, _reader, composite, make_tile
+from geoseg.tile import TileJob, composite, make_tile, open_reader
 
 
 def test_first_valid_scene_wins_and_later_scenes_fill_gaps() -> None:
@@ -46,10 +46,10 @@ def test_a_worker_reads_each_scene_through_one_handle_per_execution(tmp_path: Pa
     store.create(run_dir, plan.grid, plan.tiles, plan.scenes[0].scene.band_names, "uint16")
     stores = store.Stores(run_dir)
     job = TileJob(run_dir, plan.run_id, "first", plan.grid, plan.scenes, None, "uint16", 10)
-    opened = _reader.cache_info().misses
+    opened = open_reader.cache_info().misses
     for i in range(3):
         make_tile(job, stores, i, *(int(v) for v in plan.tiles[i]))
-    assert _reader.cache_info().misses == opened + 1  # one open for three tiles
+    assert open_reader.cache_info().misses == opened + 1  # one open for three tiles
     before = stores.image[0]
 
     with rasterio.open(original) as src:
