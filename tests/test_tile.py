@@ -1,4 +1,5 @@
-"""Compositing overlapping scenes (the first scene listed wins, later ones only fill its gaps), and how a\nworker keeps scenes open."""
+"""Compositing overlapping scenes (the first scene listed wins, later ones only fill its gaps), and how a
+worker keeps scenes open."""
 
 from __future__ import annotations
 
