@@ -15,7 +15,6 @@ import rasterio
 import rasterio.features
 import shapely
 from affine import Affine
-from conftest import write_raster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shapely.geometry import shape
@@ -36,9 +35,17 @@ TRANSFORM = Affine(10, 0, 500000, 0, -10, 5650000)
 PIXEL_M2 = 100.0
 
 
+def write_band(path: Path, a: np.ndarray, transform: Affine = TRANSFORM, crs: str = "EPSG:32633") -> Path:
+    """One band as a GeoTIFF (this module's rasters are all single-band)."""
+    with rasterio.open(path, "w", driver="GTiff", width=a.shape[1], height=a.shape[0], count=1, dtype=str(a.dtype),
+                       crs=crs, transform=transform) as dst:
+        dst.write(a, 1)
+    return path
+
+
 def write_classes(path: Path, a: np.ndarray, names: dict[int, str] | None = None,
                   transform: Affine = TRANSFORM) -> str:
-    write_raster(path, a[None].astype(np.uint8), transform=transform)
+    write_band(path, a.astype(np.uint8), transform=transform)
     if names is not None:
         with rasterio.open(path, "r+") as dst:
             dst.update_tags(**{CLASS_NAMES_TAG: json.dumps({str(k): v for k, v in names.items()})})
@@ -257,7 +264,7 @@ def test_layer_columns_metadata_index_and_confidence(tmp_path: Path) -> None:
     a = np.kron(np.array([[1, 2], [3, 1]], dtype=np.uint8), np.ones((5, 5), dtype=np.uint8))
     conf = np.arange(a.size, dtype=np.uint8).reshape(a.shape)
     src = write_classes(tmp_path / "c.tif", a, names={1: "forest", 2: "water", 3: "urban"})
-    conf_path = write_raster(tmp_path / "conf.tif", conf[None])
+    conf_path = write_band(tmp_path / "conf.tif", conf)
     out = tmp_path / "o.gpkg"
     meta = {"run_id": "r-42", "model_name": "sentinel2-lulc", "model_version": "3"}
     areas = vectorise(src, out, confidence_path=str(conf_path), block_size=3, metadata=meta)
@@ -306,13 +313,13 @@ def test_bad_settings_and_rasters_raise_config_error(tmp_path: Path) -> None:
         vectorise(src, tmp_path / "o.gpkg", connectivity=6)
     with pytest.raises(ConfigError, match="block size"):
         vectorise(src, tmp_path / "o.gpkg", block_size=0)
-    geo = write_raster(tmp_path / "g.tif", a[None], crs="EPSG:4326", transform=Affine(0.1, 0, 10, 0, -0.1, 50))
+    geo = write_band(tmp_path / "g.tif", a, crs="EPSG:4326", transform=Affine(0.1, 0, 10, 0, -0.1, 50))
     with pytest.raises(ConfigError, match="projected CRS"):
         vectorise(str(geo), tmp_path / "o.gpkg")
-    floats = write_raster(tmp_path / "f.tif", a[None].astype(np.float32))
+    floats = write_band(tmp_path / "f.tif", a.astype(np.float32))
     with pytest.raises(ConfigError, match="integer class ids"):
         vectorise(str(floats), tmp_path / "o.gpkg")
-    conf = write_raster(tmp_path / "conf.tif", np.zeros((1, 2, 2), np.uint8))
+    conf = write_band(tmp_path / "conf.tif", np.zeros((2, 2), np.uint8))
     with pytest.raises(ConfigError, match="not on the grid"):
         vectorise(src, tmp_path / "o.gpkg", confidence_path=str(conf))
     assert not (tmp_path / "o.gpkg").exists()
@@ -350,7 +357,7 @@ def predicted_classes(data_dir: Path, date: str) -> tuple[np.ndarray, np.ndarray
 def test_real_predictions_equal_whole_raster(tmp_path: Path, data_dir: Path, connectivity: int) -> None:
     a, conf, transform = predicted_classes(data_dir, "20230530")
     src = write_classes(tmp_path / "c.tif", a, transform=transform)
-    conf_path = write_raster(tmp_path / "conf.tif", conf[None], transform=transform)
+    conf_path = write_band(tmp_path / "conf.tif", conf, transform=transform)
     areas = vectorise(src, tmp_path / "o.gpkg", load_legend(data_dir / "sentinel2_strzegom" / "classes.json"),
                       confidence_path=str(conf_path), block_size=64, connectivity=connectivity)
     gdf = gpd.read_file(tmp_path / "o.gpkg")
