@@ -311,7 +311,7 @@ def test_bad_settings_and_rasters_raise_config_error(tmp_path: Path) -> None:
     src = write_classes(tmp_path / "c.tif", a)
     with pytest.raises(ConfigError, match="connectivity"):
         vectorise(src, tmp_path / "o.gpkg", connectivity=6)
-    with pytest.raises(ConfigError, match="block size"):
+    with pytest.raises(ConfigError, match="block.size"):
         vectorise(src, tmp_path / "o.gpkg", block_size=0)
     geo = write_band(tmp_path / "g.tif", a, crs="EPSG:4326", transform=Affine(0.1, 0, 10, 0, -0.1, 50))
     with pytest.raises(ConfigError, match="projected CRS"):

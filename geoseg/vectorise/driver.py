@@ -10,7 +10,8 @@ from typing import TypeAlias
 import numpy as np
 from affine import Affine
 
-from geoseg.errors import ConfigError, ExecutionError
+from geoseg.config import VectoriseSettings
+from geoseg.errors import ExecutionError
 from geoseg.gpkg import GpkgWriter
 from geoseg.vectorise.blocks import BlockPieces, BlockTask, Finished, Wkb, block_grid, polygonise_task
 from geoseg.vectorise.executor import Handle, Jobs, map_in_order
@@ -42,10 +43,7 @@ def vectorise(
     border pieces along the front of arrived blocks, a few block results in flight and one batch of
     finished polygons (as WKB). Returns class name -> area (m2).
     """
-    if connectivity not in (4, 8):
-        raise ConfigError(f"connectivity must be 4 or 8, got {connectivity}")
-    if min_area_m2 < 0 or simplify_m < 0:
-        raise ConfigError(f"min_area_m2 and simplify_m must be >= 0, got {min_area_m2} and {simplify_m}")
+    VectoriseSettings(connectivity, min_area_m2, simplify_m, block_size)  # checked as the CLI's settings are
     info = read_info(str(classes_path), confidence_path)
     names = dict(class_names) if class_names is not None else info.class_names
     grid = block_grid(info.height, info.width, block_size)
