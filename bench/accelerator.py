@@ -91,7 +91,7 @@ def bench_model(name: str, device: torch.device, batches: list[int], peak: float
     rows = []
     for batch in batches:
         x = torch.randn(batch, len(card.bands), side, side, device=device)
-        seconds = timed(lambda: predict(model, x, class_ids, bf16), device, repeats=10 if bf16 else 3, warmup=2)
+        seconds = timed(lambda x=x: predict(model, x, class_ids, bf16), device, repeats=10 if bf16 else 3, warmup=2)
         rows.append({"batch": batch, "mpx_s": round(batch * core * core / seconds / 1e6, 2),
                      "tiles_s": round(batch / seconds, 1), "tflops": round(flops * batch / seconds / 1e12, 3),
                      "fraction_of_peak": round(flops * batch / seconds / 1e12 / peak, 4)})
@@ -117,7 +117,8 @@ def main() -> None:
     for model in args.models:
         r = bench_model(model, device, batches, peak)
         results.append(r)
-        print(f"{model}: {r['gflop_per_tile']} GFLOP per {r['tile']} px tile ({r['gflop_per_core_mpx']} GFLOP per output Mpx); "
+        print(f"{model}: {r['gflop_per_tile']} GFLOP per {r['tile']} px tile "
+              f"({r['gflop_per_core_mpx']} GFLOP per output Mpx); "
               f"training step {r['train_step_ms']} ms ({r['train_batch']} chips of {r['train_chip']} px)")
         for row in r["by_batch"]:  # type: ignore[attr-defined]
             print(f"  batch {row['batch']:4d}: {row['mpx_s']:9.2f} Mpx/s  {row['tiles_s']:9.1f} tiles/s  "

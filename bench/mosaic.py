@@ -113,7 +113,8 @@ def main() -> None:
     mpx = grid.width * grid.height / 1e6
     print(json.dumps({"size": args.size, "cpus": os.cpu_count(), "load_average": os.getloadavg()[0],
                       "seconds": [round(s, 3) for s in seconds],
-                      "mosaic_mpx_s": round(mpx / statistics.median(seconds), 1), "best_mpx_s": round(mpx / min(seconds), 1)}))
+                      "mosaic_mpx_s": round(mpx / statistics.median(seconds), 1),
+                      "best_mpx_s": round(mpx / min(seconds), 1)}))
 
 
 if __name__ == "__main__":

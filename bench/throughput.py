@@ -31,7 +31,8 @@ then, each in its own process so that every peak and every start-up is its own:
 * ``--driver``: the driver's CPU per tile, measured with a stand-in network in place of the U-Net (a 1x1
   convolution with zero weights, installed in this run's Ray workers by ``_standin.install``; benchmark
   only, never on geoseg's path), so that the real tile readers and the driver set the pace, on >= 1000
-  tiles of 256 px. The workers import it from this folder (local Ray, or a cluster that sees this path). It is the driver process's CPU time
+  tiles of 256 px. The workers import it from this folder (local Ray, or a cluster that sees this path).
+  It is the driver process's CPU time
   (``time.process_time``: all its threads, Ray's core-worker threads included, less the benchmark's own
   memory-sampling thread) from the first completion to the last tile recorded done, per tile; driver
   tiles/s = 1 / that, the tiles one driver core could hand out. Part of it is paid per second, not per
@@ -212,7 +213,8 @@ def child_geoseg(p: dict[str, Any]) -> dict[str, Any]:
     t_done = time.time()
     plan = load_plan(p["run_dir"])
     g = plan.grid
-    core_px = sum((r.stop - r.start) * (c.stop - c.start) for r, c in (g.core_window(int(a), int(b)) for a, b in plan.tiles))
+    windows = (g.core_window(int(a), int(b)) for a, b in plan.tiles)
+    core_px = sum((r.stop - r.start) * (c.stop - c.start) for r, c in windows)
     ex = asdict(report)["execution"]
     out: dict[str, Any] = {
         "report": asdict(report), "complete": report.complete, "tiles": plan.tile_count, "core_px": core_px,
@@ -226,7 +228,8 @@ def child_geoseg(p: dict[str, Any]) -> dict[str, Any]:
     if p["measure_model"]:
         device, gpus = ("cuda", 1) if ex["use_gpu"] else ("cpu", 0)
         for key, options, threads in (("ceiling", {"num_cpus": _node_cpus(ex["use_gpu"]), "num_gpus": gpus}, None),
-                                      ("actor_threads", {"num_cpus": ex["actor_cpus"], "num_gpus": gpus}, ex["threads"])):
+                                      ("actor_threads",
+                                       {"num_cpus": ex["actor_cpus"], "num_gpus": gpus}, ex["threads"])):
             actor = ray.remote(_ModelOnly).options(**options).remote(plan.model, p["run_dir"], ex["batch_size"],
                                                                      device, threads)
             load_before = os.getloadavg()
@@ -473,7 +476,8 @@ def main_comparison(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                           f"the card's tile {naive['tile_size']} + 2 x {naive['halo']}: {naive_overhead:.2f}"),
         ("naive default", f"to raster {naive['to_raster_s']:.1f} s, to GeoPackage {glue[method]:.1f} s "
                           f"({method}); torch's default {naive['threads']} thread(s), the card's tile "
-                          f"{naive['tile_size']} + halo {naive['halo']}, batch {naive_batch}; whole process from launch"),
+                          f"{naive['tile_size']} + halo {naive['halo']}, batch {naive_batch}; "
+                          "whole process from launch"),
         ("naive polygons", f"rasterio.features.shapes + geopandas to_file "
                            f"{naive['to_gpkg_s'] - naive['to_raster_s']:.1f} s ({naive['polygons']['features']:,} "
                            f"polygons); gdal_polygonize.py "
@@ -499,7 +503,8 @@ def main_comparison(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         ("driver CPU", f"{driver_ms:.2f} ms per tile with the real model (steady; --driver measures it at full pace)"),
         ("mosaic", f"{mosaic_mpx_s:.1f} Mpx/s ({grid['width']} x {grid['height']} px in {stage['mosaic']:.1f} s)"),
         ("stages (s)", f"imports {geo['imports_s']:.1f}, ray start {geo['ray_start_s']:.1f}, "
-         + ", ".join(f"{k} {v:.1f}" for k, v in stage.items()) + f"; first tiles done {first_done_s:.1f} s after launch"),
+         + ", ".join(f"{k} {v:.1f}" for k, v in stage.items())
+         + f"; first tiles done {first_done_s:.1f} s after launch"),
         ("memory (MiB)", f"driver {peaks['driver']:.0f} ({peaks['driver_private']:.0f} private), workers "
                          f"{peaks['workers'] if local else 'remote'}, naive {naive_peaks['driver']:.0f}"),
         ("load average", f"run {_fmt_load(geo['loadavg_run'])}, ceiling {_fmt_load(geo['ceiling']['loadavg'])}, "
@@ -511,7 +516,8 @@ def main_comparison(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "efficiency": round(r["efficiency"], 4), "efficiency_runs": [round(f["efficiency"], 4) for f in runs],
         "naive_default_threads_s": round(naive["to_raster_s"], 2),
         "naive_default_threads_whole_s": round(glue[method], 2),
-        "naive_polygons": {"method": method, "rasterio_geopandas_s": round(naive["to_gpkg_s"] - naive["to_raster_s"], 2),
+        "naive_polygons": {"method": method,
+                           "rasterio_geopandas_s": round(naive["to_gpkg_s"] - naive["to_raster_s"], 2),
                            "gdal_polygonize_s": round(gdal["seconds"], 2) if isinstance(gdal, dict) else gdal},
         "geoseg_to_raster_s": round(geo["to_raster_s"], 2), "geoseg_whole_s": round(geo["whole_run_s"], 2),
         "speedup_vs_naive_default": round(speedup, 3), "whole_run_speedup_vs_naive_default": round(whole_speedup, 3),
@@ -577,7 +583,8 @@ def driver_cost(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return {"driver_tiles_per_s": round(1000 / dispatch, 1), "driver_cpu_ms_per_tile": round(ms, 4),
             "driver_dispatch_ms_per_tile": round(dispatch, 4),
             "driver_run": {"tiles": geo["tiles"], "tile_size": CARD_TILE, "halo": halo, "batch_size": b,
-                           "scene_px": size, "tiles_per_s": round(rate, 1), "idle_cpu_ms_per_s": round(idle_ms_per_s, 2),
+                           "scene_px": size, "tiles_per_s": round(rate, 1),
+                           "idle_cpu_ms_per_s": round(idle_ms_per_s, 2),
                            "worker_cpu_ms_per_tile": {k: round(v, 2) for k, v in roles.items()} if roles else None}}
 
 
@@ -602,7 +609,8 @@ def sweep(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                                      "tile_size": None, "halo": None, "threads": None,
                                                      "device": device}, workdir)
         peaks, naive_peaks = sampler.peaks_mib(), naive_sampler.peaks_mib()
-        row = {"area": k * k, "mpx": round(size * size / 1e6, 1), "tiles": geo["tiles"], "driver_peak_mib": peaks["driver"],
+        row = {"area": k * k, "mpx": round(size * size / 1e6, 1), "tiles": geo["tiles"],
+               "driver_peak_mib": peaks["driver"],
                "driver_private_peak_mib": peaks["driver_private"],
                "worker_peak_by_role_mib": peaks["workers"], "naive_peak_mib": naive_peaks["driver"],
                "naive_private_peak_mib": naive_peaks["driver_private"],
@@ -612,7 +620,8 @@ def sweep(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                "loadavg": geo["loadavg_run"][1]}
         results.append(row)
         w = peaks["workers"]
-        print(f"{k * k:>4}x {row['mpx']:6.1f} {row['tiles']:6d} {row['driver_peak_mib']:5.0f} ({row['driver_private_peak_mib']:3.0f}) "
+        print(f"{k * k:>4}x {row['mpx']:6.1f} {row['tiles']:6d} "
+              f"{row['driver_peak_mib']:5.0f} ({row['driver_private_peak_mib']:3.0f}) "
               f"{w.get('Predictor', 0):10.0f} {w.get('run_tile', 0):9.0f} "
               f"{row['naive_peak_mib']:5.0f} ({row['naive_private_peak_mib']:3.0f}) "
               f"{row['geoseg_to_raster_s']:5.1f} / {row['geoseg_whole_s']:5.1f} {row['naive_to_raster_s']:8.1f}   "
@@ -621,7 +630,8 @@ def sweep(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     first, last = results[0], results[-1]
     return {"sweep": results,
             "driver_peak_growth_mib": round(last["driver_peak_mib"] - first["driver_peak_mib"], 1),
-            "driver_private_peak_growth_mib": round(last["driver_private_peak_mib"] - first["driver_private_peak_mib"], 1),
+            "driver_private_peak_growth_mib":
+                round(last["driver_private_peak_mib"] - first["driver_private_peak_mib"], 1),
             "predictor_peak_growth_mib": round(last["worker_peak_by_role_mib"].get("Predictor", 0)
                                                - first["worker_peak_by_role_mib"].get("Predictor", 0), 1),
             "naive_peak_growth_mib": round(last["naive_peak_mib"] - first["naive_peak_mib"], 1)}
@@ -644,7 +654,8 @@ def million_tiles(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         ("cpu", f"{r.get('cpu_s', float('nan')):.1f} CPU s in the planning process (the rest of its wall time is "
                 f"waiting for a core)"),
         ("ledger", f"all tiles marked done and serialised {r['ledger_s']:.1f} s ({r['ledger_json_mib']:.1f} MiB)"),
-        ("driver MiB", f"after imports {r['rss_after_imports_mib']:.0f}, peak after plan {r['peak_after_plan_mib']:.0f}, "
+        ("driver MiB",
+            f"after imports {r['rss_after_imports_mib']:.0f}, peak after plan {r['peak_after_plan_mib']:.0f}, "
                        f"after save {r['peak_after_save_mib']:.0f}, after ledger {r['peak_after_ledger_mib']:.0f} "
                        f"(sampled peak {sampler.peaks_mib()['driver']:.0f})"),
     ])
@@ -667,14 +678,17 @@ def main() -> None:
     """Parse the options, run the chosen sections, print the table and the JSON line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run in a few minutes")
-    ap.add_argument("--repeat", type=int, default=3, help="geoseg + ceiling pairs; the median efficiency is reported (default 3)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="geoseg + ceiling pairs; the median efficiency is reported (default 3)")
     ap.add_argument("--size", type=int, help="scene side in px (default 5120 = 26 Mpx, --quick 4096; sweep base 2048)")
     ap.add_argument("--batch-size", type=int, help="tiles per forward pass for geoseg and the naive loop "
                                                    "(default: geoseg's own; the naive loop 4 on CPU, 64 on GPU)")
     ap.add_argument("--driver", action="store_true", help="also the driver's CPU per tile, with a stand-in network "
                                                           "(benchmark only) on 1024 tiles of 256 px")
-    ap.add_argument("--sweep", action="store_true", help="the memory sweep (1x, 4x, 16x the area) instead of the comparison")
-    ap.add_argument("--million-tiles", action="store_true", help="the continental planning figure instead of the comparison")
+    ap.add_argument("--sweep", action="store_true",
+                    help="the memory sweep (1x, 4x, 16x the area) instead of the comparison")
+    ap.add_argument("--million-tiles", action="store_true",
+                    help="the continental planning figure instead of the comparison")
     ap.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
     ap.add_argument("--gpu", action="store_true", help="inference on GPUs (the cluster must have them)")
     ap.add_argument("--actor-cpus", type=float, help="CPUs per inference actor (default: geoseg's choice)")

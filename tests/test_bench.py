@@ -18,12 +18,17 @@ import rasterio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _procs import (CLK_TCK, PeakSampler, actor_cpu_ms_per_output_mpx, cpu_at, parse_stat,  # noqa: E402
-                    read_cpu, reader_cpu_s)
+from _procs import CLK_TCK, PeakSampler, actor_cpu_ms_per_output_mpx, cpu_at, parse_stat, read_cpu, reader_cpu_s  # noqa: E402
 from _scene import assemble_scene, naive_polygons, naive_segment, strzegom_scenes  # noqa: E402
 from _standin import ARCHITECTURE, PixelLinear, install, write_checkpoint  # noqa: E402
-from throughput import (CARD_TILE, driver_cpu_ms_per_tile, gdal_polygonize, halo_overhead,  # noqa: E402
-                        header_only_scenes, steady_rate)
+from throughput import (  # noqa: E402
+    CARD_TILE,
+    driver_cpu_ms_per_tile,
+    gdal_polygonize,
+    halo_overhead,
+    header_only_scenes,
+    steady_rate,
+)
 
 BURN_S = 0.3
 
@@ -92,12 +97,14 @@ def test_naive_loop_equals_geoseg_classes(tmp_path: Path, data_dir: Path) -> Non
     plan = load_plan(str(tmp_path / "run"))
     assert report.execution is not None
     # at the run's own geometry, as the benchmark's "naive @ geoseg geometry" row runs it
-    stats = naive_segment(scene, tmp_path / "naive.tif", batch_size=report.execution.batch_size, tile_size=plan.grid.tile_size,
+    stats = naive_segment(scene, tmp_path / "naive.tif", batch_size=report.execution.batch_size,
+                          tile_size=plan.grid.tile_size,
                           halo=plan.grid.halo)
     with rasterio.open(tmp_path / "run" / "classes.tif") as a, rasterio.open(tmp_path / "naive.tif") as b:
         ours, naive = a.read(1), b.read(1)
         assert a.transform == b.transform and a.crs == b.crs
-    assert stats["tiles"] == plan.tile_count and (stats["tile_size"], stats["halo"]) == (plan.grid.tile_size, plan.grid.halo)
+    assert stats["tiles"] == plan.tile_count
+    assert (stats["tile_size"], stats["halo"]) == (plan.grid.tile_size, plan.grid.halo)
     assert (naive > 0).all()
     assert np.array_equal(ours, naive)
 
@@ -177,7 +184,8 @@ def test_cpu_snapshot_keeps_ended_threads_and_the_steady_window_divides_by_outpu
 def test_forward_threads_and_readers_are_told_apart_in_real_processes(tmp_path: Path) -> None:
     """A stand-in actor and reader burn known CPU: the sampler's snapshots split it by role."""
     root = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
-                             "ps = [subprocess.Popen([t, '-c', sys.argv[1], sys.argv[2], r], executable=sys.executable) "
+                             "ps = [subprocess.Popen([t, '-c', sys.argv[1], sys.argv[2], r], "
+                             "executable=sys.executable) "
                              "for t, r in (('ray::Predictor', 'actor'), ('ray::run_tiles', 'reader'))]; "
                              "[p.wait() for p in ps]", WORKER, str(tmp_path)])
     try:

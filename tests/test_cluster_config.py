@@ -1,4 +1,5 @@
-"""cluster.yaml is a valid Ray cluster-launcher config with the node roles, token auth and dashboard the README describes."""
+"""cluster.yaml is a valid Ray cluster-launcher config with the node roles, token auth and dashboard the README
+describes."""
 
 from __future__ import annotations
 

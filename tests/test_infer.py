@@ -1,4 +1,5 @@
-"""Batch prediction: normalisation and padding, class-id mapping, independence from batch-mates, and the\npredictor's one forward thread."""
+"""Batch prediction: normalisation and padding, class-id mapping, independence from batch-mates, and the
+predictor's one forward thread."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def test_concurrent_calls_run_every_forward_pass_on_one_thread(data_dir: Path, t
             make_tile(job, stores, i, int(row), int(col))
         p = Predictor(plan.model, str(run_dir), plan.grid, plan.tiles, 2, threads=1)
         threads: set[int] = set()
-        p.model.register_forward_hook(lambda *_: threads.add(threading.get_ident()))
+        p.model.register_forward_hook(lambda *_, seen=threads: seen.add(threading.get_ident()))
         batches = [list(range(k, min(k + 2, plan.tile_count))) for k in range(0, plan.tile_count, 2)]
         with ThreadPoolExecutor(callers) as pool:
             outcomes = list(pool.map(p, batches))

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import geopandas as gpd
 import pytest
-
 from _clusters import BIN, free_port, head_command, ray_start, stop_processes_under
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 import rasterio
-
 from _clusters import BIN, NODES, LocalCluster, local_cluster
+
 from geoseg.cli import main
 
 pytestmark = pytest.mark.usefixtures("ray_session")  # the single-node reference runs on the session's Ray

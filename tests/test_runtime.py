@@ -100,8 +100,9 @@ def check_outputs(run_dir: Path, class_json: Path | None = None) -> dict:
         assert sub.area_m2.sum() == pytest.approx((classes == cid).sum() * pixel_area, rel=1e-9)
     assert union_all(gdf.geometry.values).area == pytest.approx((classes > 0).sum() * pixel_area, rel=1e-9)
     with sqlite3.connect(run_dir / "landcover.gpkg") as db:
-        assert db.execute("select count(*) from gpkg_extensions where extension_name='gpkg_rtree_index'").fetchone()[0] >= 1
-    names = dict(zip(gdf.class_id, gdf.class_name))
+        rtree = "select count(*) from gpkg_extensions where extension_name='gpkg_rtree_index'"
+        assert db.execute(rtree).fetchone()[0] >= 1
+    names = dict(zip(gdf.class_id, gdf.class_name, strict=True))
     for cid in ids:
         assert report["class_area_m2"][names[cid]] == pytest.approx((classes == cid).sum() * pixel_area, rel=1e-9)
     return report
@@ -138,7 +139,8 @@ def test_mosaic_of_the_same_predictions_writes_the_same_files(s2_run: Path, tmp_
     for name in (result.classes, result.confidence):
         assert (tmp_path / name).read_bytes() == (s2_run / name).read_bytes()
     classes = read_classes(s2_run)
-    assert result.counts == {int(c): int(n) for c, n in zip(*np.unique(classes[classes > 0], return_counts=True))}
+    ids, counts = np.unique(classes[classes > 0], return_counts=True)
+    assert result.counts == {int(c): int(n) for c, n in zip(ids, counts, strict=True)}
 
 
 def test_naip_scene_reprojected_with_the_rgb_model(tmp_path: Path, data_dir: Path) -> None:
