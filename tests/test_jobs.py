@@ -30,6 +30,7 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
         stop_processes_under(root)
 
 
+@pytest.mark.slow
 def test_submitted_job_writes_the_geopackage(ray_head: tuple[str, dict[str, str]], tmp_path: Path,
                                              data_dir: Path) -> None:
     address, env = ray_head

@@ -368,6 +368,7 @@ def test_real_predictions_equal_whole_raster(tmp_path: Path, data_dir: Path, con
     assert big.mean_confidence == pytest.approx(conf[mask].mean() / 255)
 
 
+@pytest.mark.slow
 def test_larger_raster_assembled_from_real_predictions(tmp_path: Path, data_dir: Path) -> None:
     """Four dates mirrored into a 2 x 2 mosaic (802 x 802 px): regions cross the mosaic's seams and many blocks."""
     tiles = [predicted_classes(data_dir, d)[0] for d in ("20230530", "20220719", "20221012", "20210619")]
@@ -426,6 +427,7 @@ def rasterise_layer(gdf: gpd.GeoDataFrame, shape_: tuple[int, int], transform: A
                                        transform=transform, dtype="uint8")
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(a=class_rasters(), block_size=st.integers(1, 7), connectivity=st.sampled_from([4, 8]),
        min_pixels=st.integers(2, 9))
