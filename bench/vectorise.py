@@ -81,15 +81,13 @@ def build_raster(path: Path, size: int) -> str:
 def run_method(method: str, raster: str, out: Path, block_size: int, workdir: Path) -> dict[str, float]:
     """Inside the child process: run one method and return what it produced."""
     if method.startswith("blockwise"):
-        os.environ["RAY_AUTH_MODE"] = "disabled"
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
 
+        from geoseg.cluster import connect
         from geoseg.vectorise import vectorise
 
         t0 = time.perf_counter()
-        ray.init(num_cpus=int(method[-1]), include_dashboard=False, log_to_driver=False,
-                 _temp_dir=str(workdir / "ray"))
+        connect(num_cpus=int(method[-1]), temp_dir=str(workdir / "ray"))  # as geoseg starts its local Ray
         # warm-up: start the workers and import geoseg in them, as in a job whose Ray has been running
         with rasterio.open(raster) as src:
             small = src.read(1, window=rasterio.windows.Window(0, 0, 256, 256))

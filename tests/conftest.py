@@ -38,9 +38,11 @@ def ray_session() -> Iterator[None]:
     """One local Ray for the session, with its temp dir and HOME-based files kept in a temp dir."""
     import ray
 
+    from geoseg.cluster import connect
+
     root = Path(tempfile.mkdtemp(prefix="geoseg-ray-", dir="/tmp"))
     os.environ["HOME"] = str(root)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(root / "r"), log_to_driver=False)
+    connect(num_cpus=2, temp_dir=str(root / "r"))  # as geoseg starts its own local Ray
     try:
         yield None
     finally:
