@@ -38,3 +38,7 @@ class ConfigError(GeosegError, ValueError):
 
 class ExecutionError(GeosegError, RuntimeError):
     """The cluster could not finish the work (inference actors keep dying, a block's result went missing)."""
+
+
+class DiskSpaceError(GeosegError, OSError):
+    """A local folder has too little free space for an output about to be written."""

@@ -19,15 +19,11 @@ raster: no single file grows past what one task writes, and the cells are assemb
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -133,6 +129,12 @@ def _part_levels(shapes: list[tuple[int, int]], wanted: int) -> int:
     resolution (1 px wide rasters): the assembly has only level K to work from."""
     from_full = [lv for lv in range(2, len(shapes)) if source_level(shapes, lv) == 0]
     return min(max(wanted, *from_full, 0), len(shapes) - 1)
+
+
+def output_bytes(grid: Grid) -> int:
+    """An upper estimate of the two rasters' size, checked against the free space before the mosaic starts: one
+    byte per pixel each, uncompressed, plus a third for the overviews (deflate only makes them smaller)."""
+    return 2 * grid.width * grid.height * 4 // 3 + 2**20
 
 
 def mosaic(run_dir: str, grid: Grid, card: ModelCard, tags: dict[str, str], *, grid_above: int = GRID_ABOVE_PX,
@@ -348,32 +350,9 @@ def _assemble_task(window: _Window, raster: _Raster, url: str, n: int, *results:
         yield from cog.split(*extra[lv - k - 1])
 
     template = cog.template_tags(_template(window.crs, window.transform, raster))
-    with _published(url) as out:
+    with storage.publishing(url) as out:  # whole or not at all, even if the worker is killed
         cog.write(out, levels, template, tiles)
     return sum((p.counts for p in parts), np.zeros(256, np.int64))
-
-
-@contextmanager
-def _published(url: str) -> Iterator[BinaryIO]:
-    """A file to write that appears at ``url`` whole or not at all: a hidden file beside the target renamed
-    over it (no copy between file systems), or a local temporary file uploaded in one PUT."""
-    if storage.is_remote(url):
-        with tempfile.TemporaryDirectory(prefix="geoseg-mosaic-") as tmp:
-            local = Path(tmp, "raster.tif")
-            with open(local, "wb") as out:
-                yield out
-            storage.put_file(local, url)
-        return
-    target = Path(url)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        os.fchmod(fd, 0o644)  # readable like any published raster (mkstemp makes it private)
-        with os.fdopen(fd, "wb") as out:
-            yield out
-        os.replace(tmp_name, target)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
 
 
 def _template(crs: str, transform: Sequence[float], raster: _Raster) -> bytes:

@@ -39,7 +39,7 @@ from geoseg.infer import Predictor
 from geoseg.ledger import Ledger, flush_ledger, load_ledger, save_ledger
 from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import load_card
-from geoseg.mosaic import MosaicResult, mosaic
+from geoseg.mosaic import MosaicResult, mosaic, output_bytes
 from geoseg.plan import RunPlan, load_plan, save_plan
 from geoseg.planner import make_plan, region_in
 from geoseg.results import Execution, ModelUsed, Outputs, RunReport, RunStatus, TileError, TileOutcome
@@ -152,6 +152,7 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     observer.stage_done("tiles")
 
     t0 = time.perf_counter()
+    _check_space(run_dir, plan)
     tags = {"GEOSEG_RUN_ID": plan.run_id, "GEOSEG_MODEL": f"{plan.model_name} {plan.model_version}"}
     rasters = mosaic(run_dir, plan.grid, card, tags)
     t_mosaic = time.perf_counter() - t0
@@ -185,19 +186,38 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     return report
 
 
+GPKG_BYTES_PER_PX = 1.0  # an estimate of the GeoPackage's size per grid pixel, for the free-space check
+
+
+def gpkg_bytes(plan: RunPlan) -> int:
+    """The GeoPackage's estimated size, from the grid's size, checked against the free space before it is built."""
+    return int(plan.grid.width * plan.grid.height * GPKG_BYTES_PER_PX) + 2**20
+
+
+def _check_space(run_dir: str, plan: RunPlan) -> None:
+    """Refuse, before the mosaic, outputs the local disks cannot hold: the rasters and the GeoPackage in a local
+    RUN_DIR (each built beside its target), or the GeoPackage in the local temp dir for a store's RUN_DIR."""
+    if storage.is_remote(run_dir):
+        storage.check_free_space(tempfile.gettempdir(), gpkg_bytes(plan), "building the GeoPackage")
+    else:
+        storage.check_free_space(run_dir, output_bytes(plan.grid) + gpkg_bytes(plan), "the mosaic and GeoPackage")
+
+
 def _vectorise(run_dir: str, plan: RunPlan, card: ModelCard, rasters: MosaicResult) -> dict[str, float]:
-    """Polygonise the class raster (classes.tif or classes.vrt) into landcover.gpkg (built locally, then published
-    whole)."""
+    """Polygonise the class raster (classes.tif or classes.vrt) into landcover.gpkg, published whole: built beside
+    the target and renamed over it in a local RUN_DIR, built in the local temp dir and uploaded for a store's."""
     v = plan.vectorise
     with tempfile.TemporaryDirectory(prefix="geoseg-gpkg-") as tmp:
-        local = os.path.join(tmp, GPKG_FILE)
+        target = storage.join(run_dir, GPKG_FILE)
+        local = os.path.join(tmp, GPKG_FILE) if storage.is_remote(run_dir) else target
         areas = vectorise(
             storage.join(run_dir, rasters.classes), local, {c.id: c.name for c in card.classes},
             confidence_path=storage.join(run_dir, rasters.confidence), block_size=v.block_size,
             connectivity=v.connectivity, min_area_m2=v.min_area_m2, simplify_m=v.simplify_m,
             metadata={"run_id": plan.run_id, "model_name": plan.model_name, "model_version": plan.model_version},
         )
-        storage.put_file(local, storage.join(run_dir, GPKG_FILE))
+        if local != target:
+            storage.put_file(local, target)
     return areas
 
 

@@ -8,17 +8,22 @@ they are forwarded to Ray workers through the runtime environment and never writ
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import fsspec
 import numpy as np
 import numpy.typing as npt
 import rasterio
+
+from geoseg.errors import DiskSpaceError
 
 _FORWARDED_PREFIXES = ("AWS_", "GDAL_", "CPL_", "VSI_")
 
@@ -71,20 +76,54 @@ def read_bytes(url: str) -> bytes:
 def write_bytes(url: str, data: bytes) -> None:
     """Write a small file atomically: a reader sees the old content or the new, never a mix.
 
-    Locally through a temporary file renamed over the target; an object-store PUT is atomic already.
+    Locally through :func:`publishing` (a synced temporary file renamed over the target); an object-store PUT is
+    atomic already.
     """
     if is_remote(url):
         fs, path = filesystem(url)
         fs.pipe_file(path, data)
         return
+    with publishing(url) as f:
+        f.write(data)
+
+
+@contextmanager
+def publishing(url: str) -> Iterator[BinaryIO]:
+    """A file to write that appears at ``url`` whole or not at all, whatever kills the writer.
+
+    Locally a hidden temporary file beside the target (same file system, so no copy), synced, then renamed over
+    it with ``os.replace`` and the folder synced; for a URL a local temporary file uploaded by :func:`put_file`
+    (one PUT, or a multipart upload that exists only once completed). A failure leaves the old file as it was.
+    """
+    if is_remote(url):
+        with tempfile.TemporaryDirectory(prefix="geoseg-publish-") as tmp:
+            local = Path(tmp, url.rsplit("/", 1)[-1])
+            with open(local, "wb") as out:
+                yield out
+            put_file(local, url)
+        return
     target = Path(url)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # readable like any published file (mkstemp makes it private)
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, target)
+        fsync_dir(target.parent)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in ``folder`` durable (its entry is written with the folder, not the file)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_chunk(url: str, data: npt.NDArray[Any]) -> None:
@@ -111,13 +150,51 @@ def read_chunk(url: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> npt.ND
 
 
 def put_file(local: str | Path, url: str) -> None:
-    """Publish a finished local file at ``url`` (a rename locally, an upload for a URL)."""
+    """Publish a finished local file at ``url``, whole or not at all; ``local`` is consumed.
+
+    Locally a rename when both lie on one file system; across file systems a copy into a synced temporary file
+    beside the target, renamed over it (never copy-then-delete onto the target, which a crash leaves truncated).
+    For a URL one upload: s3fs sends one PUT, or for a large file a multipart upload, which appears only when
+    completed.
+    """
     if is_remote(url):
         fs, path = filesystem(url)
         fs.put_file(str(local), path)
+        Path(local).unlink(missing_ok=True)
         return
-    Path(url).parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(local), url)
+    target = Path(url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(local, "rb") as src:
+        try:
+            os.fsync(src.fileno())
+        except OSError as exc:  # a pipe (or another stream) has nothing on disk to sync
+            if exc.errno != errno.EINVAL:
+                raise
+    try:
+        os.rename(local, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with publishing(url) as out, open(local, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+        Path(local).unlink()
+        return
+    fsync_dir(target.parent)
+
+
+def check_free_space(url: str, needed: int, what: str) -> None:
+    """Refuse to start writing ``what`` (``needed`` bytes, estimated) into local folder ``url`` when it cannot hold
+    it: a full disk found half-way costs the stage's work and leaves a temporary file behind."""
+    if is_remote(url):
+        return
+    folder = Path(url).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskSpaceError(f"{what} needs about {needed / 2**20:,.0f} MiB in {folder} but only "
+                             f"{free / 2**20:,.0f} MiB are free there: free some space, or choose another "
+                             "--out (or TMPDIR for temporary files)")
 
 
 def list_files(url: str) -> list[str]:
