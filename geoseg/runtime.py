@@ -164,6 +164,13 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     observer.stage_done("vectorise")
 
     names = {c.id: c.name for c in card.classes}
+    warnings = plan.warnings
+    if not rasters.counts and len(ledger.done) == plan.tile_count:
+        msg = (f"the region holds no valid pixel: all {plan.tile_count} tiles are done, but every pixel is outside "
+               "the scenes or masked (nodata tag, alpha, or zero in every band of a reflectance scene), so "
+               "classes.tif is all nodata and the GeoPackage empty; check the region and scenes")
+        log.warning(msg)
+        warnings = (*warnings, msg)
     report = RunReport(
         run_id=plan.run_id,
         model=ModelUsed(plan.model_name, plan.model_version, plan.model),
@@ -178,7 +185,7 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
                  "vectorise": round(t_vector, 3), "total": round(plan_s + time.perf_counter() - t_start, 3)},
         tiles_per_s=round(len(todo) / t_tiles, 3) if todo and t_tiles > 0 else None,
         execution=settings,
-        warnings=plan.warnings,
+        warnings=warnings,
         outputs=Outputs(classes=rasters.classes, confidence=rasters.confidence, polygons=GPKG_FILE,
                         tiles_store=store.TILES, predictions_store=store.PREDICTIONS),
     )
@@ -253,7 +260,8 @@ class _Dispatcher:
         shapes = gpu_actors(execution, batches) if self.use_gpu else cpu_actors(execution, alive_nodes())
         self.tiles_ref = ray.put(plan.tiles)
         self.job_ref = ray.put(TileJob(run_dir, plan.run_id, uuid.uuid4().hex, plan.grid, plan.scenes,
-                                       _region_in_grid(plan), card.input_dtype, len(card.bands)))
+                                       _region_in_grid(plan), card.input_dtype, len(card.bands),
+                                       card.zero_is_nodata))
         self.tile_remote = ray.remote(run_tiles).options(
             num_cpus=execution.tile_cpus, max_retries=0,
             runtime_env={"env_vars": storage.task_env()})

@@ -8,9 +8,11 @@ descriptions (Sentinel-2 stacks carry ``B02``...); the common convention for 8-b
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -46,15 +48,19 @@ class Scene:
 
     @property
     def res(self) -> float:
-        """Pixel size along x in the scene's CRS units."""
-        return abs(self.transform[0])
+        """Pixel size along the scene's rows in its CRS units (a rotated pixel's side, not its x extent)."""
+        return math.hypot(self.transform[0], self.transform[3])
+
+    @property
+    def corners(self) -> tuple[tuple[float, float], ...]:
+        """The four corners of the scene in its CRS, in ring order: a rotated or sheared scene's true outline."""
+        t = Affine(*self.transform)
+        return tuple(t * xy for xy in ((0, 0), (self.width, 0), (self.width, self.height), (0, self.height)))
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
-        """(left, bottom, right, top) in the scene's CRS."""
-        t = Affine(*self.transform)
-        xs = [t.c, t.c + t.a * self.width]
-        ys = [t.f, t.f + t.e * self.height]
+        """(left, bottom, right, top) in the scene's CRS, over all four corners (rotated scenes included)."""
+        xs, ys = zip(*self.corners, strict=True)
         return min(xs), min(ys), max(xs), max(ys)
 
 
@@ -68,6 +74,10 @@ def open_scene(url: str, band_names: tuple[str, ...] | None = None) -> Scene:
     """Inspect a scene once at planning time; fail fast on what no tile could read."""
     try:
         with storage.gdal_env(), rasterio.open(url) as src:
+            if src.crs is None and src.gcps[0]:
+                raise SceneError(f"scene {url} is georeferenced only by {len(src.gcps[0])} ground control points, "
+                                 "which geoseg does not warp: warp it onto a map grid first, e.g. "
+                                 "gdalwarp -r bilinear -t_srs EPSG:XXXX IN.tif OUT.tif, and pass OUT.tif")
             if src.crs is None:
                 raise SceneError(f"scene {url} has no CRS: assign one (e.g. gdal_edit.py -a_srs EPSG:XXXX) "
                                  "and run again")
@@ -136,17 +146,24 @@ class SceneReader:
             self.src = rasterio.open(url)
         self.has_mask = self.src.nodata is not None or any(ci == ColorInterp.alpha for ci in self.src.colorinterp)
 
-    def read(self, bands: tuple[int, ...], crs: str, transform: Affine, shape: tuple[int, int], aligned: bool
-             ) -> tuple[Image, Mask]:
+    def read(self, bands: tuple[int, ...], crs: str, transform: Affine, shape: tuple[int, int], aligned: bool,
+             zero_nodata: bool = False) -> tuple[Image, Mask]:
         """Read ``bands`` onto a target window of the run's grid: (data[B,H,W], valid[H,W]).
 
         ``aligned`` (same CRS, same pixel size, pixel edges on the grid's) reads the scene's own pixels
         directly; otherwise GDAL's warper resamples them bilinearly. Pixels outside the scene or masked (nodata, alpha)
-        are invalid.
+        are invalid. ``zero_nodata`` (reflectance cards): in a scene with no nodata tag or alpha band, pixels zero
+        in every band are fill, not data (zero-filled edges of Sentinel-2 products), so they are invalid and the
+        warper leaves them out of its bilinear kernel.
         """
+        zero = zero_nodata and not self.has_mask
         if aligned:
-            return self._read_aligned(bands, transform, shape)
+            data, valid = self._read_aligned(bands, transform, shape)
+            if zero:
+                valid &= data.any(axis=0)
+            return data, valid
         height, width = shape
+        fill: dict[str, Any] = {"src_nodata": 0, "nodata": 0, "UNIFIED_SRC_NODATA": "YES"} if zero else {}
         with self._gdal_errors(), storage.gdal_env(), WarpedVRT(
             self.src,
             crs=CRS.from_user_input(crs),
@@ -154,10 +171,11 @@ class SceneReader:
             width=width,
             height=height,
             resampling=Resampling.bilinear,
-            add_alpha=not self.has_mask,
+            add_alpha=not (self.has_mask or zero),
+            **fill,
         ) as vrt:
             data = vrt.read(list(bands))
-            valid = (vrt.dataset_mask() if self.has_mask else vrt.read(vrt.count)) > 0
+            valid = (vrt.dataset_mask() if self.has_mask or zero else vrt.read(vrt.count)) > 0
         return data, valid
 
     def _read_aligned(self, bands: tuple[int, ...], transform: Affine, shape: tuple[int, int]
