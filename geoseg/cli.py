@@ -9,10 +9,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from shapely.affinity import translate
 from shapely.geometry import box, shape
+from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
+from shapely.validation import explain_validity
 
-from geoseg.config import PRECISIONS, ExecutionSettings, RunConfig, VectoriseSettings
+from geoseg.config import MAX_TILES, PRECISIONS, ExecutionSettings, RunConfig, VectoriseSettings
 from geoseg.errors import ConfigError, GeosegError, RegionError
 from geoseg.results import RunReport, RunStatus
 
@@ -22,7 +25,10 @@ EXIT_TILES_FAILED = 3  # the run finished but some tiles failed (or are pending)
 
 
 def parse_region(region: str | None, bbox: str | None) -> str | None:
-    """``--region FILE.geojson`` or ``--bbox W,S,E,N`` (lon/lat) → WKT in EPSG:4326."""
+    """``--region FILE.geojson`` or ``--bbox W,S,E,N`` (lon/lat) → WKT in EPSG:4326.
+
+    A region across the antimeridian (``--bbox`` with W > E, or GeoJSON split at 180° as RFC 7946 asks) comes
+    back as one piece with longitudes past 180°, so the planner lays one grid in one CRS over it."""
     if region and bbox:
         raise ConfigError("give either --region or --bbox, not both")
     if bbox:
@@ -31,9 +37,13 @@ def parse_region(region: str | None, bbox: str | None) -> str | None:
         except ValueError as exc:
             raise RegionError(f"--bbox {bbox!r} is not W,S,E,N in degrees, "
                               "e.g. --bbox 16.30,50.98,16.36,51.01") from exc
-        if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
-            raise RegionError(f"--bbox {bbox!r} must be W,S,E,N in lon/lat with W < E and S < N")
-        return box(w, s, e, n).wkt
+        if not (-180 <= w <= 180 and -180 <= e <= 180 and w != e and -90 <= s < n <= 90):
+            raise RegionError(f"--bbox {bbox!r} must be W,S,E,N in lon/lat with S < N and W != E "
+                              "(W > E crosses the antimeridian)")
+        if w > e and e + 360 - w >= 180:
+            raise RegionError(f"--bbox {bbox!r} has W > E, which reads as a box {e + 360 - w:g}° wide across the "
+                              "antimeridian: give W,S,E,N with W < E (W > E only for a box across 180°)")
+        return box(w, s, e + 360 if w > e else e, n).wkt
     if region:
         try:
             data = json.loads(Path(region).read_text())
@@ -41,11 +51,25 @@ def parse_region(region: str | None, bbox: str | None) -> str | None:
             raise RegionError(f"cannot read region {region}: {exc}; pass a GeoJSON file in lon/lat") from exc
         features = data.get("features", [data]) if data.get("type") == "FeatureCollection" else [data]
         geoms = [shape(f.get("geometry", f)) for f in features]
-        merged = unary_union(geoms)
+        for geom in geoms:
+            if not geom.is_valid:
+                raise RegionError(f"region {region} has an invalid polygon ({explain_validity(geom)}), e.g. edges "
+                                  "that cross themselves: repair it (QGIS 'Fix geometries', shapely.make_valid or "
+                                  "ogr2ogr -makevalid) and pass the repaired file")
+        merged = _across_antimeridian(unary_union(geoms))
         if merged.is_empty or merged.geom_type not in ("Polygon", "MultiPolygon"):
             raise RegionError(f"region {region} holds no polygon: give a GeoJSON Polygon or MultiPolygon in lon/lat")
         return merged.wkt
     return None
+
+
+def _across_antimeridian(geom: BaseGeometry) -> BaseGeometry:
+    """A region split at 180° (pieces touching both -180° and 180°) joined again, its western pieces moved east by
+    360°: one piece, whose centre is at the antimeridian and not on the other side of the Earth."""
+    if geom.is_empty or geom.bounds[0] > -180 or geom.bounds[2] < 180:
+        return geom
+    parts = list(getattr(geom, "geoms", [geom]))
+    return unary_union([translate(g, xoff=360) if g.centroid.x < 0 else g for g in parts])
 
 
 def _run_parser(p: argparse.ArgumentParser) -> None:
@@ -61,6 +85,9 @@ def _run_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a RUN_DIR made from a different plan")
     p.add_argument("--tile-size", type=int, help="tile core side in px (default 1024, less for a smaller grid)")
     p.add_argument("--halo", type=int, help="context px on each side of a tile (default: the model card's)")
+    p.add_argument("--max-tiles", type=int, default=MAX_TILES, metavar="N",
+                   help=f"refuse a plan of more tiles: likely a typo in the region or --resolution "
+                        f"(default {MAX_TILES:,})")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="forward-pass arithmetic, kept by reruns (default: bf16 on GPU actors, fp32 on CPU actors)")
     _execution_options(p)
@@ -123,7 +150,7 @@ def run_config(args: argparse.Namespace) -> tuple[RunConfig, ExecutionSettings]:
         scenes=tuple(args.scenes), out=args.out.rstrip("/"), model=args.model,
         region_wkt=parse_region(args.region, args.bbox), crs=args.crs, resolution=args.resolution,
         bands=tuple(b.strip() for b in args.bands.split(",")) if args.bands else None,
-        tile_size=args.tile_size, halo=args.halo, precision=args.precision,
+        tile_size=args.tile_size, halo=args.halo, precision=args.precision, max_tiles=args.max_tiles,
         vectorise=VectoriseSettings(args.connectivity, args.min_area, args.simplify, args.block_size),
     )
     return config, execution_settings(args)

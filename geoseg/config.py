@@ -13,6 +13,7 @@ from geoseg.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("cuda", "cpu")
+MAX_TILES = 10_000_000  # default --max-tiles: ~10^13 px of 1024 px tiles, far above any sane run
 
 
 def _require(ok: bool, message: str) -> None:
@@ -74,6 +75,9 @@ class RunConfig:
     it and a rerun keeps it. None: bf16 on GPU actors, fp32 on CPU actors (or the existing plan's)."""
     vectorise: VectoriseSettings = VectoriseSettings()
     """Polygonising options."""
+    max_tiles: int = MAX_TILES
+    """Most tiles a plan may have: a typo in --resolution or the region should fail at planning, not after
+    hours; raise it for a truly larger map."""
 
     def __post_init__(self) -> None:
         _require(bool(self.scenes), "no scenes given: pass --scenes FILE [FILE ...]")
@@ -84,6 +88,8 @@ class RunConfig:
         _require(self.precision is None or self.precision in PRECISIONS,
                  f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(self.bands is None or len(self.bands) > 0, "--bands names no band: give them comma-separated")
+        _require(isinstance(self.max_tiles, int) and self.max_tiles > 0,
+                 f"--max-tiles must be a positive number of tiles, got {self.max_tiles}")
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,12 @@ Reads no pixels and fails fast with a named error on anything no tile could use.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -17,7 +19,7 @@ from pyproj import CRS as ProjCRS
 from pyproj import Transformer
 from rasterio.warp import calculate_default_transform
 from shapely import wkt as shapely_wkt
-from shapely.geometry import Point, box
+from shapely.geometry import Point, Polygon
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import transform as shapely_transform
 from shapely.ops import unary_union
@@ -33,10 +35,18 @@ from geoseg.scenes import Scene, band_indexes, open_scene
 log = logging.getLogger(__name__)
 
 RESOLUTION_WARN_FACTOR = 4.0
+EXACT_COUNT_CELLS = 10**8  # tile-grid cells rasterised to count tiles exactly (100 MB); past that, from the area
+_GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16"}
 
 
 def default_model(scene: Scene) -> str:
     """The shipped model for a scene's kind of imagery: 16-bit multispectral → Sentinel-2, 8-bit → RGB."""
+    if scene.dtype.startswith("float"):
+        raise SceneError(
+            f"scene {scene.url} holds {scene.dtype} values, which no shipped model reads (there is no --scale "
+            "for float input): convert reflectance in 0..1 to uint16 at scale 0.0001 for sentinel2-lulc, e.g. "
+            "gdal_translate -ot UInt16 -scale 0 1 0 10000 IN.tif OUT.tif, or 8-bit imagery to uint8 for aerial-rgb"
+        )
     if scene.dtype == "uint16" and len(scene.band_names) >= 10:
         return "sentinel2-lulc"
     if scene.dtype == "uint8" and len(scene.band_names) in (3, 4):
@@ -49,6 +59,14 @@ def default_model(scene: Scene) -> str:
 
 def check_scene(scene: Scene, card: ModelCard) -> tuple[int, ...]:
     """The contract check: the scene's pixel type and bands must fit the model card."""
+    if scene.dtype.startswith("float"):
+        top = int(np.iinfo(card.input_dtype).max)
+        raise SceneError(
+            f"scene {scene.url} holds {scene.dtype} values but model {card.name!r} reads raw {card.input_dtype} "
+            f"values (raw x {card.scale:g} = its input unit) and geoseg has no --scale for float input: convert the "
+            f"scene to {card.input_dtype} at that scale, e.g. gdal_translate -ot {_GDAL_TYPES[card.input_dtype]} "
+            f"-scale 0 {card.scale * top:g} 0 {top} IN.tif OUT.tif for values in 0..1, and pass OUT.tif"
+        )
     if scene.dtype != card.input_dtype:
         raise SceneError(
             f"scene {scene.url} is {scene.dtype} but model {card.name!r} expects {card.input_dtype} "
@@ -70,8 +88,9 @@ def transformer(src: str, dst: str) -> Transformer:
 
 
 def _footprint(scene: Scene, crs: str) -> BaseGeometry:
-    """The scene's extent in ``crs``, densified so curved edges survive reprojection."""
-    outline = box(*scene.bounds).segmentize(max(scene.res * scene.width, scene.res * scene.height) / 64)
+    """The scene's true outline (its four corners: rotated and sheared scenes too) in ``crs``, densified so
+    curved edges survive reprojection."""
+    outline = Polygon(scene.corners).segmentize(max(scene.res * scene.width, scene.res * scene.height) / 64)
     return shapely_transform(transformer(scene.crs, crs).transform, outline)
 
 
@@ -92,7 +111,9 @@ def _is_aligned(scene: Scene, grid: Grid) -> bool:
     """Same CRS, same pixel size and pixel corners on the grid's lattice: read without resampling."""
     if parse_crs(scene.crs) != parse_crs(grid.crs):
         return False
-    a, _, c, _, e, f = scene.transform
+    a, b, c, d, e, f = scene.transform
+    if b != 0 or d != 0:  # rotated or sheared: only the warper puts its pixels on the grid
+        return False
     if not np.isclose(a, grid.res, rtol=1e-9) or not np.isclose(-e, grid.res, rtol=1e-9):
         return False
     dx, dy = (c - grid.left) / grid.res, (grid.top - f) / grid.res
@@ -120,7 +141,8 @@ def make_plan(config: RunConfig, use_gpu: bool = False) -> RunPlan:
         crs_text = crs.to_wkt()
     else:
         centre = region.centroid if region is not None else _lonlat_centre(scenes)
-        crs_text = ProjCRS.from_epsg(utm_epsg(centre.x, centre.y)).to_wkt()
+        lon = (centre.x + 180.0) % 360.0 - 180.0  # a region across the antimeridian is given past 180°
+        crs_text = ProjCRS.from_epsg(utm_epsg(lon, centre.y)).to_wkt()
 
     footprints = [_footprint(s, crs_text) for s in scenes]
     area = unary_union(footprints)
@@ -138,9 +160,25 @@ def make_plan(config: RunConfig, use_gpu: bool = False) -> RunPlan:
         parse_crs(finest.crs) == parse_crs(crs_text) else (0.0, 0.0)
     grid = snap_grid(area.bounds, res, anchor, crs_text, 1, card.halo if config.halo is None else config.halo)
     grid = replace(grid, tile_size=config.tile_size or default_tile_size(grid.width, grid.height))
+    tile_area = (grid.tile_size * grid.res) ** 2
+    if grid.tile_rows * grid.tile_cols > max(config.max_tiles, EXACT_COUNT_CELLS) and \
+            area.area / tile_area > config.max_tiles:  # too many to count exactly (a typo): estimated from the area
+        _too_many_tiles(f"about {math.ceil(area.area / tile_area):,}", config.max_tiles)
     tiles = tiles_covering(grid, area)
+    if len(tiles) > config.max_tiles:
+        _too_many_tiles(f"{len(tiles):,}", config.max_tiles)
 
     warnings = []
+    if config.resolution is not None:
+        finest_res, far = min(resolutions), RESOLUTION_WARN_FACTOR
+        for what, r in ((f"the finest scene's {finest_res:.3g} m", finest_res),
+                        (f"the {card.gsd_m:g} m model {card.name!r} was trained for", card.gsd_m)):
+            if max(res, r) / min(res, r) > far:
+                msg = (f"--resolution {res:g} m is more than {far:g}x {'finer' if res < r else 'coarser'} than "
+                       f"{what}: expect {'blurred input and more tiles' if res < r else 'lost detail'}; "
+                       "leave --resolution out to use the scenes' own pixel size")
+                log.warning(msg)
+                warnings.append(msg)
     for s, r in zip(scenes, resolutions, strict=True):
         if max(r, card.gsd_m) / min(r, card.gsd_m) > RESOLUTION_WARN_FACTOR:
             msg = (f"scene {s.url} has {r:.3g} m pixels, more than {RESOLUTION_WARN_FACTOR:g}x off the "
@@ -164,6 +202,12 @@ def make_plan(config: RunConfig, use_gpu: bool = False) -> RunPlan:
         vectorise=config.vectorise,
         warnings=tuple(warnings),
     )
+
+
+def _too_many_tiles(count: str, limit: int) -> NoReturn:
+    """Refuse a plan past --max-tiles: it is far more often a typo (a region, --resolution) than a wish."""
+    raise ConfigError(f"the plan has {count} tiles, more than --max-tiles {limit:,}: map a smaller region, a coarser "
+                      "--resolution or a larger --tile-size, or raise --max-tiles if this map is meant")
 
 
 def _bounds(geometry: BaseGeometry) -> tuple[float, float, float, float]:

@@ -34,6 +34,8 @@ class TileJob:
     region_grid_wkt: str | None
     dtype: str
     band_count: int
+    zero_nodata: bool = False
+    """The card's rule: pixels zero in every band of an unmasked scene are nodata (reflectance input)."""
 
     def scenes_for(self, row: int, col: int) -> list[SceneUse]:
         """Scenes whose footprint box touches the tile's input square, in priority order."""
@@ -60,7 +62,8 @@ def make_tile(job: TileJob, stores: Stores, tile_id: int, row: int, col: int) ->
     g = job.grid
     transform = g.input_transform(row, col)
     shape = (g.input_size, g.input_size)
-    layers = [open_reader(u.scene.url, job.execution_id).read(u.bands, g.crs, transform, shape, u.aligned)
+    layers = [open_reader(u.scene.url, job.execution_id).read(u.bands, g.crs, transform, shape, u.aligned,
+                                                              job.zero_nodata)
               for u in job.scenes_for(row, col)]
     image, valid = composite(layers, job.band_count, g.input_size, job.dtype)
     if job.region_grid_wkt is not None:

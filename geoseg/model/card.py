@@ -66,6 +66,20 @@ class ModelCard:
         return ((raw.astype(np.float32) * np.float32(self.scale)) - mean) / std
 
     @property
+    def zero_is_nodata(self) -> bool:
+        """Reflectance cards (16-bit input): a pixel zero in every band of a scene without a nodata tag or alpha
+        band is fill, not a measurement (Sentinel-2 products zero-fill their edges), so it is nodata."""
+        return self.input_dtype == "uint16"
+
+    @property
+    def nodata_rule(self) -> str:
+        """How this card's invalid pixels are found and handled, in full: the card's prose and geoseg's rule."""
+        if not self.zero_is_nodata:
+            return self.nodata
+        return (f"{self.nodata}; pixels zero in every band of a scene with no nodata tag or alpha band are "
+                "nodata too (reflectance input: 0 is the fill value, never a measurement)")
+
+    @property
     def class_ids(self) -> npt.NDArray[np.uint8]:
         """Lookup table: logits channel k -> class id written to classes.tif."""
         return np.array([c.id for c in self.classes], np.uint8)
