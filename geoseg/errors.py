@@ -15,6 +15,10 @@ class SceneReadError(GeosegError, OSError):
     """A scene file is missing, unreadable or truncated."""
 
 
+class SceneChangedError(GeosegError, ValueError):
+    """A scene of a run changed its grid, band count or dtype since the run was planned."""
+
+
 class RegionError(GeosegError, ValueError):
     """The region is malformed or intersects no scene."""
 

@@ -43,6 +43,7 @@ from geoseg.mosaic import MosaicResult, mosaic, output_bytes
 from geoseg.plan import RunPlan, load_plan, save_plan
 from geoseg.planner import make_plan, region_in
 from geoseg.results import Execution, ModelUsed, Outputs, RunReport, RunStatus, TileError, TileOutcome
+from geoseg.scenes import check_unchanged
 from geoseg.tile import TileJob, run_tiles
 from geoseg.vectorise import vectorise
 
@@ -100,7 +101,17 @@ def rerun(run_dir: str, execution: ExecutionSettings, observer: Observer | None 
     The plan's precision is kept whatever the hardware, so the rerun's tiles match the first run's."""
     t0 = time.perf_counter()
     plan = load_plan(run_dir)
+    _check_scenes(plan)
     return execute(run_dir, plan, execution, plan_s=time.perf_counter() - t0, observer=observer)
+
+
+def _check_scenes(plan: RunPlan) -> None:
+    """Every scene's header against the plan's, before any tile runs: a scene whose grid, bands or dtype changed is
+    refused (``SceneChangedError``); one repaired in place is re-read by the tiles still to do."""
+    for use in plan.scenes:
+        if check_unchanged(use.scene):
+            log.warning("scene %s changed since the run was planned, with the same grid, bands and dtype: the tiles "
+                        "still to do read it as it is now", use.scene.url)
 
 
 def status(run_dir: str) -> RunStatus:

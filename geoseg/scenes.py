@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from rasterio.windows import Window
 
 from geoseg import storage
 from geoseg.arrays import Image, Mask
-from geoseg.errors import SceneError, SceneReadError
+from geoseg.errors import SceneChangedError, SceneError, SceneReadError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ class Scene:
     band_names: tuple[str, ...]
     alpha: int | None
     nodata: float | None
+    stamp: str | None = field(default=None, compare=False)
+    """The file's version when planned ("size:mtime_ns" locally, the ETag on a store; None in plans written before
+    it was recorded): a rerun tells a repaired scene from an untouched one. Not compared: a repaired scene with the
+    same grid, bands and dtype is the same work."""
 
     @property
     def res(self) -> float:
@@ -93,10 +97,37 @@ def open_scene(url: str, band_names: tuple[str, ...] | None = None) -> Scene:
                 band_names=names,
                 alpha=alpha,
                 nodata=src.nodata,
+                stamp=storage.version(url),
             )
     except RasterioIOError as exc:
         raise SceneReadError(f"cannot read scene {url}: {exc}. "
                              "Check the path (and AWS_* variables for s3:// URLs)") from exc
+
+
+def check_unchanged(planned: Scene) -> bool:
+    """Re-read a planned scene's header before a rerun dispatches tiles: True when the file changed (a repaired
+    or re-downloaded scene, re-read by the tiles still to do) but kept its grid, band count and dtype; refused
+    with :class:`SceneChangedError` when any of those changed, since its pixels would no longer fit the plan."""
+    url = planned.url
+    try:
+        with storage.gdal_env(), rasterio.open(url) as src:
+            now = {"CRS": src.crs.to_wkt() if src.crs else None, "transform": tuple(src.transform)[:6],
+                   "width": src.width, "height": src.height, "band count": src.count, "dtype": src.dtypes[0]}
+    except RasterioIOError as exc:
+        raise SceneReadError(f"cannot read scene {url} of this run: {exc}. Put the scene back at that path "
+                             "(and check AWS_* variables for s3:// URLs), then rerun") from exc
+    then = {"CRS": planned.crs, "transform": tuple(planned.transform), "width": planned.width,
+            "height": planned.height, "band count": len(planned.band_names), "dtype": planned.dtype}
+    same_crs = now["CRS"] is not None and CRS.from_wkt(str(now["CRS"])) == CRS.from_wkt(planned.crs)
+    changed = [k for k in then if (not same_crs if k == "CRS" else now[k] != then[k])]
+    if changed:
+        what = "; ".join(f"{k} {then[k]} -> {now[k]}" for k in changed if k != "CRS") or "CRS"
+        if "CRS" in changed and what != "CRS":
+            what = f"CRS; {what}"
+        raise SceneChangedError(f"scene {url} changed since this run was planned ({what}): its pixels no longer "
+                                "fit the plan. Put the original scene back to finish this run, or start a new run "
+                                "with it (`geoseg run --overwrite` or another --out)")
+    return planned.stamp is not None and storage.version(url) != planned.stamp
 
 
 def _band_names(src: rasterio.DatasetReader, url: str, given: tuple[str, ...] | None) -> tuple[str, ...]:

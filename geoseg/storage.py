@@ -66,6 +66,21 @@ def is_empty(url: str) -> bool:
     return not fs.exists(path) or (fs.isdir(path) and not fs.ls(path))
 
 
+def version(url: str) -> str | None:
+    """A file's version, to tell a replaced file from the one seen before: "size:mtime_ns" locally, the ETag (with
+    the size) on a store; None when it cannot be had (a GDAL virtual path): then no change is detected."""
+    try:
+        if is_remote(url):
+            fs, path = filesystem(url)
+            info = fs.info(path)
+            etag = info.get("ETag") or info.get("etag")
+            return f"{info.get('size')}:{etag}" if etag else None
+        st = os.stat(url)
+    except (OSError, ValueError, ImportError):
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def read_bytes(url: str) -> bytes:
     """The whole content of a (small) file."""
     fs, path = filesystem(url)
