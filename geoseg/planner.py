@@ -223,8 +223,17 @@ def resolve_model(model: str) -> str:
 
 
 def _lonlat_centre(scenes: list[Scene]) -> Point:
-    """Centre of the scenes' union in lon/lat: where the default UTM zone is taken."""
-    return unary_union([_footprint(s, "EPSG:4326") for s in scenes]).centroid
+    """Centre of the scenes' union in lon/lat: where the default UTM zone is taken. A scene across the
+    antimeridian (its outline spans more than 180°) is unwrapped to longitudes 0..360 first."""
+    outlines = [_footprint(s, "EPSG:4326") for s in scenes]
+    if any(o.bounds[2] - o.bounds[0] > 180 for o in outlines):
+        outlines = [shapely_transform(_east_of_0, o) for o in outlines]
+    return unary_union(outlines).centroid
+
+
+def _east_of_0(x: float, y: float, z: float | None = None) -> tuple[float, ...]:
+    """Longitudes as 0..360: a shape across the antimeridian in one piece."""
+    return np.mod(x, 360.0), y
 
 
 def describe(plan: RunPlan) -> str:

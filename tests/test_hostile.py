@@ -167,6 +167,9 @@ def test_region_across_the_antimeridian_is_planned_in_one_utm_zone(tmp_path: Pat
         assert CRS.from_user_input(plan.grid.crs).to_epsg() in (32760, 32701)  # a UTM zone at 180°, south
         width_m, height_m = plan.grid.width * plan.grid.res, plan.grid.height * plan.grid.res
         assert 2000 < width_m < 2300 and 2150 < height_m < 2400  # 0.02° x 0.02° at 17° S, not half the Earth
+    whole = make_plan(RunConfig(scenes=(str(path),), out="unused", model="aerial-rgb", resolution=20.0))
+    assert CRS.from_user_input(whole.grid.crs).to_epsg() in (32760, 32701)  # no region: the scene's centre
+    assert whole.grid.width < 320 and whole.grid.height < 320  # the 300 px scene, reprojected to the next zone
     with pytest.raises(RegionError, match="W != E"):
         parse_region(None, "179.99,-17.01,179.99,-16.99")
     with pytest.raises(RegionError, match="359.96° wide across the antimeridian"):  # swapped W and E
