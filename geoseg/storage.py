@@ -179,21 +179,21 @@ def put_file(local: str | Path, url: str) -> None:
         return
     target = Path(url)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(local, "rb") as src:
+    with open(local, "rb") as src:  # opened once: the copy reads what was synced
         try:
             os.fsync(src.fileno())
         except OSError as exc:  # a pipe (or another stream) has nothing on disk to sync
             if exc.errno != errno.EINVAL:
                 raise
-    try:
-        os.rename(local, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        with publishing(url) as out, open(local, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-        Path(local).unlink()
-        return
+        try:
+            os.rename(local, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            with publishing(url) as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+            Path(local).unlink()
+            return
     fsync_dir(target.parent)
 
 
