@@ -46,3 +46,7 @@ class ExecutionError(GeosegError, RuntimeError):
 
 class DiskSpaceError(GeosegError, OSError):
     """A local folder has too little free space for an output about to be written."""
+
+
+class RunDirBusyError(GeosegError, FileExistsError):
+    """Another driver holds RUN_DIR's lease (or wrote its ledger since this one did): one writer per RUN_DIR."""

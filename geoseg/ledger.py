@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from geoseg import storage
+from geoseg.errors import RunDirBusyError
 from geoseg.results import TileOutcome
 
 LEDGER_FILE = "ledger.json"
@@ -32,6 +33,9 @@ class Ledger:
     failed: dict[int, TileOutcome] = field(default_factory=dict)
     changed: set[int] = field(default_factory=set, compare=False)  # since the last save
     journal_parts: int = field(default=0, compare=False)  # parts written since ledger.json
+    execution_id: str | None = field(default=None, compare=False)
+    """The execution (lease holder, ``lease.py``) that wrote it last; None in ledgers written before it was kept."""
+    etag: str | None = field(default=None, compare=False)  # on a store: the ledger.json version this driver knows
 
     def mark_done(self, tile_id: int) -> None:
         """Record a tile whose output is completely written."""
@@ -66,6 +70,7 @@ class Ledger:
         """Compact JSON: done ids as a sorted list, failures with their error."""
         return json.dumps({
             "tile_count": self.tile_count,
+            "execution_id": self.execution_id,
             "done": sorted(self.done),
             "failed": {str(k): vars(v) for k, v in sorted(self.failed.items())},
         })
@@ -74,13 +79,16 @@ class Ledger:
     def from_json(cls, text: str) -> Ledger:
         """Inverse of ``to_json``."""
         d = json.loads(text)
-        return cls(d["tile_count"], set(d["done"]), {int(k): TileOutcome(**v) for k, v in d["failed"].items()})
+        return cls(d["tile_count"], set(d["done"]), {int(k): TileOutcome(**v) for k, v in d["failed"].items()},
+                   execution_id=d.get("execution_id"))
 
 
 def load_ledger(run_dir: str, tile_count: int) -> Ledger:
     """The run's ledger, or an empty one for a run not started yet."""
     url = storage.join(run_dir, LEDGER_FILE)
+    etag = storage.etag(url)  # before the read: a write in between fails the next save's condition, as it should
     ledger = Ledger.from_json(storage.read_bytes(url).decode()) if storage.exists(url) else Ledger(tile_count)
+    ledger.etag = etag
     parts = storage.list_files(storage.join(run_dir, JOURNAL_DIR))
     for part in parts:
         ledger.apply(json.loads(storage.read_bytes(part)))
@@ -95,14 +103,32 @@ def flush_ledger(run_dir: str, ledger: Ledger) -> None:
     part = {"done": sorted(i for i in ledger.changed if i in ledger.done),
             "failed": {str(i): vars(ledger.failed[i]) for i in sorted(ledger.changed) if i in ledger.failed}}
     name = storage.join(run_dir, JOURNAL_DIR, f"{ledger.journal_parts:08d}.json")
-    storage.write_bytes(name, json.dumps(part).encode())
+    if storage.is_remote(name):  # create-only: a part another driver wrote is never replaced
+        if storage.write_if(name, json.dumps(part).encode(), None) is None:
+            raise _conflict(run_dir, ledger, name)
+    else:
+        storage.write_bytes(name, json.dumps(part).encode())
     ledger.journal_parts += 1
     ledger.changed.clear()
 
 
 def save_ledger(run_dir: str, ledger: Ledger) -> None:
-    """Rewrite the whole ledger atomically, then drop the journal parts it now holds."""
-    storage.write_bytes(storage.join(run_dir, LEDGER_FILE), ledger.to_json().encode())
+    """Rewrite the whole ledger atomically, then drop the journal parts it now holds. On a store the write is
+    conditional on the version this driver last read or wrote (``If-Match``; ``If-None-Match: *`` for a new one),
+    so a ledger another driver wrote meanwhile is never overwritten: that is a :class:`RunDirBusyError`."""
+    url = storage.join(run_dir, LEDGER_FILE)
+    if storage.is_remote(url):
+        etag = storage.write_if(url, ledger.to_json().encode(), ledger.etag)
+        if etag is None:
+            raise _conflict(run_dir, ledger, url)
+        ledger.etag = etag
+    else:
+        storage.write_bytes(url, ledger.to_json().encode())
     storage.remove(storage.join(run_dir, JOURNAL_DIR))
     ledger.changed.clear()
     ledger.journal_parts = 0
+
+
+def _conflict(run_dir: str, ledger: Ledger, url: str) -> RunDirBusyError:
+    return RunDirBusyError(f"{url} was written by another driver since execution {ledger.execution_id} last read or "
+                           f"wrote it: two runs are writing {run_dir}. Stop one, then `geoseg rerun {run_dir}`")

@@ -36,6 +36,8 @@ from geoseg.cluster import ActorShape, alive_nodes, connect, cpu_actors, gpu_act
 from geoseg.config import ExecutionSettings, RunConfig, default_batch_size
 from geoseg.errors import ExecutionError, PlanMismatchError
 from geoseg.infer import Predictor
+from geoseg.lease import LEASE_FILE, Lease
+from geoseg.lease import acquire as acquire_lease
 from geoseg.ledger import Ledger, flush_ledger, load_ledger, save_ledger
 from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import load_card
@@ -76,6 +78,15 @@ def run(config: RunConfig, execution: ExecutionSettings, overwrite: bool = False
     use_gpu = uses_gpu(execution)
     execution = replace(execution, use_gpu=use_gpu)  # decided once: the plan's precision and the actors agree
     plan = make_plan(config, use_gpu=use_gpu)
+    if _existing_plan(config.out) is None and not _empty_but_lease(config.out):
+        raise _not_a_run(config.out)  # checked before a lease is written into a folder that holds no run
+    with acquire_lease(config.out) as held:  # one writer per RUN_DIR, from before --overwrite removes anything
+        return _run_held(config, execution, overwrite, plan, held, t0, observer)
+
+
+def _run_held(config: RunConfig, execution: ExecutionSettings, overwrite: bool, plan: RunPlan, held: Lease,
+              t0: float, observer: Observer | None) -> RunReport:
+    """The rest of :func:`run`, under RUN_DIR's lease: reuse the identical plan there, or replace it, then execute."""
     existing = _existing_plan(config.out)
     if existing is not None and not overwrite:
         if config.precision is None:  # a plan's precision holds for all its runs, whatever hardware they find
@@ -86,13 +97,24 @@ def run(config: RunConfig, execution: ExecutionSettings, overwrite: bool = False
                 f"`geoseg rerun {config.out}` to finish it, or another --out")
         plan = existing
     elif existing is not None:
-        storage.remove(config.out)
-    elif not storage.is_empty(config.out):
-        raise PlanMismatchError(f"{config.out} exists and holds no geoseg run: choose an empty or new --out "
-                                "(--overwrite only replaces a geoseg run)")
+        for url in storage.list_files(config.out):  # all but the lease this run holds
+            if url.rstrip("/").rsplit("/", 1)[-1] != LEASE_FILE:
+                storage.remove(url)
+    elif not _empty_but_lease(config.out):
+        raise _not_a_run(config.out)
     storage.makedirs(config.out)
     save_plan(config.out, plan)
-    return execute(config.out, plan, execution, plan_s=time.perf_counter() - t0, observer=observer)
+    return execute(config.out, plan, execution, plan_s=time.perf_counter() - t0, observer=observer, lease=held)
+
+
+def _not_a_run(run_dir: str) -> PlanMismatchError:
+    return PlanMismatchError(f"{run_dir} exists and holds no geoseg run: choose an empty or new --out "
+                             "(--overwrite only replaces a geoseg run)")
+
+
+def _empty_but_lease(run_dir: str) -> bool:
+    """Nothing in RUN_DIR but (maybe) its lease."""
+    return all(url.rstrip("/").rsplit("/", 1)[-1] == LEASE_FILE for url in storage.list_files(run_dir))
 
 
 def rerun(run_dir: str, execution: ExecutionSettings, observer: Observer | None = None) -> RunReport:
@@ -139,12 +161,17 @@ def _failed(ledger: Ledger) -> tuple[TileOutcome, ...]:
 
 
 def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: float = 0.0,
-            observer: Observer | None = None) -> RunReport:
-    """Run every tile not yet done, then mosaic, vectorise and report."""
+            observer: Observer | None = None, lease: Lease | None = None) -> RunReport:
+    """Run every tile not yet done, then mosaic, vectorise and report, holding RUN_DIR's ``lease`` (taken here
+    when not given: a rerun, or a caller of its own)."""
+    if lease is None:
+        with acquire_lease(run_dir) as held:
+            return execute(run_dir, plan, execution, plan_s, observer, held)
     t_start = time.perf_counter()
     observer = observer or Observer()
     card = load_card(plan.model)
     ledger = load_ledger(run_dir, plan.tile_count)
+    ledger.execution_id = lease.execution_id
     store.create(run_dir, plan.grid, plan.tiles, card.bands, card.input_dtype)
     connect(execution.ray_address)
     todo = ledger.not_done()
@@ -163,6 +190,7 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     observer.stage_done("tiles")
 
     t0 = time.perf_counter()
+    lease.check()  # outputs are published only by the driver that still holds RUN_DIR
     _check_space(run_dir, plan)
     tags = {"GEOSEG_RUN_ID": plan.run_id, "GEOSEG_MODEL": f"{plan.model_name} {plan.model_version}"}
     rasters = mosaic(run_dir, plan.grid, card, tags)
@@ -200,6 +228,7 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
         outputs=Outputs(classes=rasters.classes, confidence=rasters.confidence, polygons=GPKG_FILE,
                         tiles_store=store.TILES, predictions_store=store.PREDICTIONS),
     )
+    lease.check()
     storage.write_bytes(storage.join(run_dir, REPORT_FILE), report.to_json().encode())
     return report
 

@@ -72,6 +72,7 @@ def version(url: str) -> str | None:
     try:
         if is_remote(url):
             fs, path = filesystem(url)
+            fs.invalidate_cache(path)  # a listing cached earlier holds the ETag of that time
             info = fs.info(path)
             etag = info.get("ETag") or info.get("etag")
             return f"{info.get('size')}:{etag}" if etag else None
@@ -79,6 +80,39 @@ def version(url: str) -> str | None:
     except (OSError, ValueError, ImportError):
         return None
     return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def etag(url: str) -> str | None:
+    """An object's ETag as a conditional write names it, or None when there is no such object."""
+    stamp = version(url) if is_remote(url) else None
+    return stamp.split(":", 1)[1] if stamp else None
+
+
+def write_if(url: str, data: bytes, match: str | None) -> str | None:
+    """One PUT to an object store that happens only if the object is still at version ``match`` (``If-Match``),
+    or, with ``match`` None, does not exist yet (``If-None-Match: *``): how two drivers that both write one object
+    find out. Returns the new ETag, or None when the condition failed (someone else wrote it)."""
+    fs, path = filesystem(url)
+    try:
+        out = fs.pipe_file(path, data, mode="create") if match is None else fs.pipe_file(path, data, IfMatch=match)
+    except OSError as exc:
+        if _precondition_failed(exc):
+            return None
+        raise
+    return str(out["ETag"])
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether an s3fs error is the store's 412 (or 409 for a conditional write that raced another)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = response.get("Error", {}).get("Code")
+            return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def read_bytes(url: str) -> bytes:
@@ -218,7 +252,8 @@ def list_files(url: str) -> list[str]:
     if not fs.exists(path):
         return []
     names = sorted(str(p) for p in fs.ls(path, detail=False))
-    return [join(url, n.rsplit("/", 1)[-1]) for n in names]
+    # a store may list the folder's own marker ("ledger.d/", left by SeaweedFS once its files are removed): not a file
+    return [join(url, n.rsplit("/", 1)[-1]) for n in names if n.rstrip("/") != path.rstrip("/")]
 
 
 def remove(url: str) -> None:
