@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 DATA ?= ../shared/data
 RUN_DIR ?= runs/demo
-export RAY_AUTH_MODE ?= disabled
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)

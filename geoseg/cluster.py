@@ -10,41 +10,81 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.exceptions import AuthenticationError
 from ray.experimental import internal_kv
 
 from geoseg import storage
 from geoseg.config import GPU_READERS, ExecutionSettings
-from geoseg.errors import ConfigError
+from geoseg.errors import ClusterError, ConfigError
 
 AUTOSCALING_STATUS = "__autoscaling_status"  # where Ray's monitor publishes its report (ray_constants)
 # a local Ray as geoseg starts it: idle workers live a minute (Ray's default: 1 s beyond one per CPU), so the
 # stages after the tiles find the readers' workers warm instead of starting new ones (1-2 s per stage)
 IDLE_WORKER_S = 60
+# how long a named cluster's address may take to accept a connection (a head that is starting opens its port
+# within seconds) before geoseg gives up with a ClusterError
+CONNECT_WAIT_S = 10.0
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False,
             log_to_driver: bool = False, env_vars: dict[str, str] | None = None,
             setup_hook: str | None = None, temp_dir: str | None = None) -> None:
     """The one way geoseg starts or joins Ray: join ``address`` (or the cluster a Ray job runs in), else start
-    a local Ray of its own. Workers get the store's environment; a Ray already up in this process is kept."""
+    a local Ray of its own, never one that a record in Ray's temp dir names. A Ray already up in this process
+    is kept. Token authentication is Ray's default and stays on. Workers get the store's non-secret settings;
+    credentials reach them through their own environment (a local Ray's workers inherit this process's)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     runtime_env: dict[str, Any] = {"env_vars": {**storage.forwarded_env(), **(env_vars or {})}}
     if setup_hook:
         runtime_env["worker_process_setup_hook"] = setup_hook
-    if address is None and "RAY_ADDRESS" not in os.environ:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    named = address or os.environ.get("RAY_ADDRESS")
+    if not named or named == "local":
+        # "local", never None: ray.init() without an address joins whatever /tmp/ray/ray_current_cluster names
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env,
                  log_to_driver=log_to_driver, _temp_dir=temp_dir,
                  _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_S * 1000})
     else:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
+        wait_for_cluster(named)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
+        except (ConnectionError, AuthenticationError) as e:  # a missing or wrong token is refused so, after ~20 s
+            reason = e.__cause__ if isinstance(e.__cause__, AuthenticationError) else e
+            raise ClusterError(
+                f"the Ray cluster at {named} refused this client: {str(reason).split('. ')[0]} (with token "
+                "authentication, Ray's default, a client needs the cluster's token in ~/.ray/auth_token, the file "
+                "RAY_AUTH_TOKEN_PATH names, or RAY_AUTH_TOKEN)") from e
+
+
+def wait_for_cluster(address: str, wait_s: float = CONNECT_WAIT_S) -> None:
+    """Fail fast with a :class:`ClusterError` when nothing listens at a cluster's address: Ray itself waits for
+    a dead address for minutes without a word. ``auto`` (Ray's own lookup) is left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        if address == "auto":
+            return
+        raise ClusterError(f"Ray address {address!r} is not host:port (or ray://host:port): fix --ray-address or "
+                           "RAY_ADDRESS, or leave both unset to run on a local Ray of geoseg's own")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(2.0, wait_s)):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"no Ray cluster answers at {address} (no connection within {wait_s:g} s: {e}): start the "
+                    "cluster or fix --ray-address / RAY_ADDRESS; leave both unset to run on a local Ray of "
+                    "geoseg's own") from e
+        time.sleep(0.5)
 
 
 @dataclass(frozen=True)

@@ -48,5 +48,9 @@ class DiskSpaceError(GeosegError, OSError):
     """A local folder has too little free space for an output about to be written."""
 
 
+class ClusterError(GeosegError, ConnectionError):
+    """The Ray cluster named by --ray-address or RAY_ADDRESS does not answer."""
+
+
 class RunDirBusyError(GeosegError, FileExistsError):
     """Another driver holds RUN_DIR's lease (or wrote its ledger since this one did): one writer per RUN_DIR."""

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
@@ -35,13 +34,16 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """One local Ray for the session, with its temp dir and HOME-based files kept in a temp dir."""
+    """One local Ray for the session, with its temp dir and HOME-based files kept in a temp dir: token
+    authentication on (Ray's default), its token made by Ray in ``root/.ray/auth_token``, never the user's home."""
     import ray
 
     from geoseg.cluster import connect
 
     root = Path(tempfile.mkdtemp(prefix="geoseg-ray-", dir="/tmp"))
     os.environ["HOME"] = str(root)
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # Ray's default mode, a token of its own
+        os.environ.pop(name, None)
     connect(num_cpus=2, temp_dir=str(root / "r"))  # as geoseg starts its own local Ray
     try:
         yield None

@@ -110,12 +110,19 @@ def test_run_on_worker_nodes_maps_like_a_single_node(single_node_run: Path, data
 
 def test_fake_autoscaler_launches_nodes_for_pending_demand() -> None:
     """The harness itself, without geoseg: nothing but the head at first, then a GPU actor and a 1-CPU task
-    make the autoscaler launch a node of each type; a client with another token is refused."""
+    make the autoscaler launch a node of each type; a client with another token is refused, and so is geoseg
+    joining without any token (none in its HOME or environment), with a ClusterError that says where tokens go."""
     with local_cluster("gs-as-", FAKE_AUTOSCALER_TYPES) as cluster:
         assert [n["head"] for n in cluster.query(NODES)] == [True]
         intruder = subprocess.Popen([str(BIN / "python"), "-c", f"import ray; ray.init(address={cluster.address!r})"],
                                     env={**cluster.env, "RAY_AUTH_TOKEN": "0" * 64}, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True)  # refused after ~20 s of retries
+        (cluster.root / "stranger").mkdir()
+        stranger_env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+        stranger = subprocess.Popen(
+            [str(BIN / "python"), "-c", f"from geoseg.cluster import connect; connect({cluster.address!r})"],
+            env={**stranger_env, "HOME": str(cluster.root / "stranger")}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
         ran_on = cluster.query("""
 @ray.remote(num_cpus=1, num_gpus=1)
 class OnGpu:
@@ -129,10 +136,13 @@ print(json.dumps(ray.get([gpu_user.node.remote(), on_cpu.remote()])))
 """, timeout=300)
         nodes = {n["id"]: n for n in cluster.query(NODES)}
         _, refusal = intruder.communicate(timeout=120)
+        _, stranger_refusal = stranger.communicate(timeout=120)
     gpu_node, cpu_node = (nodes[i] for i in ran_on)
     assert not gpu_node["head"] and gpu_node["resources"]["GPU"] == 1
     assert not cpu_node["head"] and cpu_node["resources"]["CPU"] == 1 and "GPU" not in cpu_node["resources"]
     assert intruder.returncode != 0 and "InvalidAuthToken" in refusal
+    assert stranger.returncode != 0 and "InvalidAuthToken" in stranger_refusal
+    assert "ClusterError" in stranger_refusal and "RAY_AUTH_TOKEN_PATH" in stranger_refusal
 
 
 def test_autoscaler_starts_gpu_and_cpu_nodes_for_the_run(single_node_run: Path, data_dir: Path,

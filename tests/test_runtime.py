@@ -223,9 +223,9 @@ def test_default_batch_fills_a_gpu_when_the_cluster_has_one(data_dir: Path) -> N
     resource accounting; no GPU is used)."""
     root = Path(tempfile.mkdtemp(prefix="gs-gpu-", dir="/tmp"))  # Ray's socket paths must stay short
     code = ("import ray; from geoseg.cluster import uses_gpu; from geoseg.config import ExecutionSettings as E; "
-            f"ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, _temp_dir={str(root / 'r')!r}); "
+            f"ray.init('local', num_cpus=1, num_gpus=1, include_dashboard=False, _temp_dir={str(root / 'r')!r}); "
             "print(uses_gpu(E()), uses_gpu(E(use_gpu=False)))")
-    env = {**os.environ, "HOME": str(root), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "HOME": str(root)}  # token auth on: Ray makes the token in root/.ray
     env.pop("RAY_ADDRESS", None)
     try:
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
