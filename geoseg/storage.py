@@ -3,7 +3,9 @@
 Every path of a run (scenes, RUN_DIR, zarr stores) may be an ``s3://`` URL so that every node of a
 cluster sees the same files. Credentials and endpoints come only from the usual environment
 variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``...);
-they are forwarded to Ray workers through the runtime environment and never written to disk.
+each node reads them from its own environment (a local Ray's workers inherit the driver's), an instance role or a
+credentials file. Only non-secret settings (the endpoint, the region, GDAL options) travel in Ray's runtime
+environment, which Ray shows on its dashboard and state API; credentials are never written to disk by geoseg.
 """
 
 from __future__ import annotations
@@ -25,7 +27,18 @@ import rasterio
 
 from geoseg.errors import DiskSpaceError
 
-_FORWARDED_PREFIXES = ("AWS_", "GDAL_", "CPL_", "VSI_")
+# what may travel to workers in runtime_env: the store's non-secret AWS settings by name, GDAL's options by prefix
+# less any whose name marks a secret (GDAL_HTTP_USERPWD, GDAL_HTTP_HEADERS with a bearer token ...)
+_FORWARDED_AWS = frozenset({"AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                            "AWS_S3_ENDPOINT", "AWS_HTTPS", "AWS_VIRTUAL_HOSTING", "AWS_NO_SIGN_REQUEST",
+                            "AWS_REQUEST_PAYER"})
+_FORWARDED_PREFIXES = ("GDAL_", "CPL_", "VSI_")
+_SECRET_MARKS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "USERPWD", "BEARER", "HEADER", "CREDENTIAL",
+                 "AUTH", "COOKIE")
+# what geoseg writes in a RUN_DIR, and all that --overwrite removes from it: a user's other files stay
+RUN_OUTPUTS = ("plan.json", "ledger.json", "ledger.d", "tiles.zarr", "predictions.zarr", "classes.tif",
+               "classes.vrt", "classes", "confidence.tif", "confidence.vrt", "confidence", "landcover.gpkg",
+               "report.json", "evaluation.json")
 
 
 def is_remote(url: str) -> bool:
@@ -263,6 +276,18 @@ def remove(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def remove_run_outputs(run_dir: str) -> list[str]:
+    """Remove geoseg's own files and folders from ``run_dir`` (:data:`RUN_OUTPUTS`, and the hidden temporary
+    files of their atomic writes), so that ``--overwrite`` never deletes a user's other files; returns them."""
+    removed = []
+    for url in list_files(run_dir):
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        if name in RUN_OUTPUTS or any(name.startswith(f".{out}.") for out in RUN_OUTPUTS):
+            remove(url)
+            removed.append(url)
+    return removed
+
+
 def makedirs(url: str) -> None:
     """Create a local folder (object stores need none)."""
     if not is_remote(url):
@@ -291,11 +316,14 @@ GDAL_CACHE_MB = 128  # the block cache of a CPU task's worker (GDAL's default is
 
 
 def task_env() -> dict[str, str]:
-    """The environment of geoseg's CPU tasks (tile readers, mosaic): the store's variables and a bounded GDAL
+    """The environment of geoseg's CPU tasks (tile readers, mosaic): the store's settings and a bounded GDAL
     block cache. One environment is one pool of Ray workers, so the mosaic reuses the readers' warm ones."""
     return {**forwarded_env(), "GDAL_CACHEMAX": str(GDAL_CACHE_MB)}
 
 
 def forwarded_env() -> dict[str, str]:
-    """The environment variables that workers need to reach the same store as the driver."""
-    return {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_PREFIXES)}
+    """The store's non-secret settings (endpoint, region, GDAL options), for workers on nodes whose environment
+    lacks them. Never credentials: runtime_env is shown by Ray's dashboard and state API to anyone who can
+    reach them, so workers read credentials from their own environment, an instance role or a credentials file."""
+    return {k: v for k, v in os.environ.items()
+            if k in _FORWARDED_AWS or (k.startswith(_FORWARDED_PREFIXES) and not any(m in k for m in _SECRET_MARKS))}

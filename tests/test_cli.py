@@ -70,3 +70,22 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path: Path, data
     assert main(["run", "--scenes", str(scene), "--out", str(keep), "--overwrite"]) == 2
     assert "holds no geoseg run" in capsys.readouterr().err
     assert (keep / "thesis.txt").read_text() == "do not delete"
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_overwrite_replaces_only_geosegs_own_files(tmp_path: Path, data_dir: Path) -> None:
+    """--overwrite on a run made from another plan removes geoseg's outputs, then runs the new plan; a user's
+    files kept in RUN_DIR (even named like an output) stay as they were."""
+    scene = data_dir / "sentinel2_strzegom" / "scenes" / "strzegom_20230530_33u.tif"
+    out = tmp_path / "run"
+    small = ["--scenes", str(scene), "--out", str(out), "--bbox", "16.27,50.97,16.29,50.98"]
+    assert main(["run", *small, "--tile-size", "128"]) == 0
+    (out / "notes.md").write_text("mine")
+    (out / "classes_backup.tif").write_bytes((out / "classes.tif").read_bytes())
+    first_plan = json.loads((out / "plan.json").read_text())
+    assert main(["run", *small, "--tile-size", "256", "--overwrite"]) == 0
+    assert (out / "notes.md").read_text() == "mine" and (out / "classes_backup.tif").exists()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["run_id"] != first_plan["run_id"] and plan["grid"]["tile_size"] == 256
+    report = json.loads((out / "report.json").read_text())
+    assert report["tiles_done"] == report["tiles_total"] > 0

@@ -1,5 +1,6 @@
 """A whole run against a real S3-compatible server (SeaweedFS) on 127.0.0.1: scenes, RUN_DIR and stores as
-s3:// URLs."""
+s3:// URLs, on a real Ray head (token authentication on) whose node has the store's credentials in its own
+environment, as a node of cluster.yaml has them: none reach Ray's state, its logs or the run's files."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,17 +18,42 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+from _clusters import (
+    BIN,
+    HOST,
+    NODE_OBJECT_STORE,
+    LocalCluster,
+    free_port,
+    head_command,
+    ray_start,
+    stop_processes_under,
+    token_env,
+)
 
 from geoseg import storage
-from geoseg.cli import main
-from geoseg.model.checkpoint import load_card
-from geoseg.mosaic import mosaic
-from geoseg.plan import load_plan
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = pytest.mark.slow
 
 KEY, SECRET = "geoseg-test", "s3cr3t-never-logged"
 S3_PORT = 8333
+
+STATE = """
+from ray.util.state import list_actors, list_jobs, list_tasks, list_workers
+def plain(o):
+    return getattr(o, "__dict__", None) or str(o)
+print(json.dumps({"tasks": list_tasks(detail=True, limit=10000), "actors": list_actors(detail=True, limit=10000),
+                  "jobs": list_jobs(detail=True), "workers": list_workers(detail=True, limit=10000)}, default=plain))
+"""
+"""The cluster's record of the run: every task, actor, job and worker with its runtime environment."""
+
+GRIDDED = """
+from geoseg.model.checkpoint import load_card
+from geoseg.mosaic import mosaic
+from geoseg.plan import load_plan
+plan = load_plan(RUN_DIR)
+print(json.dumps(mosaic(RUN_DIR, plan.grid, load_card(plan.model), {}, grid_above=0, cell=512).classes))
+"""
+"""The mosaic forced into a grid of COGs, its tasks on the cluster."""
 
 
 def wait_for_port(port: int, timeout: float) -> None:
@@ -57,26 +84,47 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
-def test_run_on_object_store(s3: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                             capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
+def store_env(endpoint: str) -> dict[str, str]:
+    """The store's credentials and settings, as a node's (or the user's) environment holds them."""
+    return {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": endpoint,
+            "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def cluster(s3: str) -> Iterator[LocalCluster]:
+    """A `ray start --head` of 2 CPUs, token authentication on (the token in its temp dir, which is HOME), started
+    with the store's credentials in its environment: its workers read them from there, never from runtime_env."""
+    root = Path(tempfile.mkdtemp(prefix="gs-s3-", dir="/tmp"))  # Ray's socket paths must stay short
+    env = token_env(root) | store_env(s3)
+    port = free_port()
+    try:
+        ray_start(head_command(root, port, free_port(), 2, f"--object-store-memory={NODE_OBJECT_STORE}"), env)
+        yield LocalCluster(root, env, f"{HOST}:{port}")
+    finally:
+        stop_processes_under(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_run_on_object_store(s3: str, cluster: LocalCluster, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                             tmp_path: Path) -> None:
+    for name, value in store_env(s3).items():  # this process reads and checks the store as a client
+        monkeypatch.setenv(name, value)
     local_scene = data_dir / "scenes" / "drone_webodm_orthophoto.tif"
     fs, path = storage.filesystem("s3://geoseg/scenes/drone.tif")
     fs.put_file(str(local_scene), path)
     run_dir = "s3://geoseg/runs/drone"
 
-    assert main(["run", "--scenes", "s3://geoseg/scenes/drone.tif", "--out", run_dir]) == 0
-    printed = capsys.readouterr()
+    printed = subprocess.run([str(BIN / "geoseg"), "run", "--ray-address", cluster.address, "--scenes",
+                              "s3://geoseg/scenes/drone.tif", "--out", run_dir], env=cluster.env,
+                             capture_output=True, text=True, timeout=600)
+    assert printed.returncode == 0, printed.stdout[-3000:] + printed.stderr[-3000:]
     for name in ("plan.json", "ledger.json", "report.json", "classes.tif", "confidence.tif", "landcover.gpkg",
                  "tiles.zarr/zarr.json", "predictions.zarr/classes/zarr.json"):
         assert storage.exists(f"{run_dir}/{name}"), name
     for name in ("plan.json", "ledger.json", "report.json"):
         text = storage.read_bytes(f"{run_dir}/{name}").decode()
         assert SECRET not in text and KEY not in text
-    assert SECRET not in printed.out + printed.err
+    assert SECRET not in printed.stdout + printed.stderr
 
     report = json.loads(storage.read_bytes(f"{run_dir}/report.json"))
     assert report["tiles_done"] == report["tiles_total"] > 0
@@ -90,8 +138,17 @@ def test_run_on_object_store(s3: str, data_dir: Path, monkeypatch: pytest.Monkey
         assert np.array_equal(classes > 0, src.read(4) > 0)
 
     # forced into a grid of COGs: the cells are uploaded and the VRT finds them relative to itself
-    plan = load_plan(run_dir)
-    gridded = mosaic(run_dir, plan.grid, load_card(plan.model), {}, grid_above=0, cell=512)
+    gridded = cluster.query(f"RUN_DIR = {run_dir!r}\n{GRIDDED}", timeout=600)
     assert storage.exists(f"{run_dir}/classes/0_0.tif") and storage.exists(f"{run_dir}/confidence/0_0.tif")
-    with storage.gdal_env(), rasterio.open(f"{run_dir}/{gridded.classes}") as src:
+    with storage.gdal_env(), rasterio.open(f"{run_dir}/{gridded}") as src:
         assert src.driver == "VRT" and np.array_equal(src.read(1), classes)
+
+    # what Ray recorded and logged of the run: its tasks and actors with their runtime environment (which does
+    # carry the store's settings), the jobs, the workers; the secret is in none of it
+    state = json.dumps(cluster.query(STATE))
+    assert "run_tiles" in state and "Predictor" in state, "the run's tasks and actors are not in Ray's state"
+    assert "GDAL_CACHEMAX" in state and s3 in state, "Ray's state shows no runtime environment to check"
+    assert SECRET not in state
+    logs = [f for f in (cluster.root / "r" / "session_latest" / "logs").rglob("*") if f.is_file()]
+    assert any(b"run_tiles" in f.read_bytes() for f in logs), "the session's logs do not cover the run"
+    assert [f.name for f in logs if SECRET.encode() in f.read_bytes()] == []
