@@ -16,12 +16,13 @@ from shapely.ops import unary_union
 from shapely.validation import explain_validity
 
 from geoseg.config import MAX_TILES, PRECISIONS, ExecutionSettings, RunConfig, VectoriseSettings
-from geoseg.errors import ConfigError, GeosegError, RegionError
+from geoseg.errors import ConfigError, ExecutionError, GeosegError, RegionError
 from geoseg.results import RunReport, RunStatus
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # a setting, scene or RUN_DIR that cannot be used: nothing was changed
 EXIT_TILES_FAILED = 3  # the run finished but some tiles failed (or are pending): `geoseg rerun` them
+EXIT_STOPPED = 4  # the cluster or store kept failing: the run stopped, its ledger and report saved; `geoseg rerun`
 
 
 def parse_region(region: str | None, bbox: str | None) -> str | None:
@@ -197,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _dispatch(args)
+    except ExecutionError as exc:
+        print(f"geoseg: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     except GeosegError as exc:
         print(f"geoseg: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -123,7 +123,11 @@ class ExecutionSettings:
     """Tiles per forward pass; every batch is padded to this size, so a tile's prediction never depends on
     which other tiles share its batch, nor on this setting. None: :func:`default_batch_size`."""
     max_attempts: int = 2
-    """Tries per tile within one run before it is recorded as failed."""
+    """Tries per tile within one run before it is recorded as failed, counting only failures that are the
+    tile's own (``faults.py``): infrastructure faults are retried without using them up."""
+    infra_retries: int = 1000
+    """Retries after infrastructure faults the whole run may spend (with backoff) before it ends with an
+    ``ExecutionError``, its ledger saved: a cluster or store that keeps failing is not waited on forever."""
     progress: bool = True
     """Show tiles done / failed / total while running."""
 
@@ -137,6 +141,7 @@ class ExecutionSettings:
         _positive(self.tile_cpus, "tile_cpus")
         _positive(self.batch_size, "--batch-size")
         _positive(self.max_attempts, "max_attempts")
+        _require(self.infra_retries >= 0, f"infra_retries must be 0 or more, got {self.infra_retries}")
 
 
 TILE_SIZE = 1024  # default core: 1.27x computed px per output px at a 64 px halo, against 2.25x at 256

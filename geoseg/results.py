@@ -87,6 +87,9 @@ class Execution:
     tiles_per_call: int
     nodes: dict[str, list[str]] = field(default_factory=dict)
     """Ray node ids that ran each role ("tile" readers, "infer" actors)."""
+    infra_retries: int = 0
+    """Tile retries after infrastructure faults (dead workers, nodes or actors; store outages): none of them
+    was charged to a tile's attempts."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,10 @@ class RunReport:
     execution: Execution | None
     """None when no tile needed work."""
     warnings: tuple[str, ...]
-    outputs: Outputs
+    outputs: Outputs | None
+    """None when the run stopped before writing them (``error`` says why)."""
+    error: str | None = None
+    """Why the run stopped before its outputs (an ``ExecutionError``); None for a run that finished."""
 
     @property
     def complete(self) -> bool:
@@ -138,7 +144,7 @@ class RunReport:
         """Inverse of :meth:`to_json`."""
         d: dict[str, Any] = json.loads(text)
         return cls(**{
-            **d, "model": ModelUsed(**d["model"]), "outputs": Outputs(**d["outputs"]),
+            **d, "model": ModelUsed(**d["model"]), "outputs": Outputs(**d["outputs"]) if d["outputs"] else None,
             "failed_tiles": tuple(TileOutcome(**t) for t in d["failed_tiles"]),
             "execution": Execution(**d["execution"]) if d["execution"] else None,
             "warnings": tuple(d["warnings"]),

@@ -16,6 +16,7 @@ that finished.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import sys
@@ -35,6 +36,7 @@ from geoseg import storage, store
 from geoseg.cluster import ActorShape, alive_nodes, connect, cpu_actors, gpu_actors, uses_gpu
 from geoseg.config import ExecutionSettings, RunConfig, default_batch_size
 from geoseg.errors import ExecutionError, PlanMismatchError
+from geoseg.faults import backoff_s, is_infrastructure
 from geoseg.infer import Predictor
 from geoseg.lease import LEASE_FILE, Lease
 from geoseg.lease import acquire as acquire_lease
@@ -182,6 +184,9 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
         dispatcher = _Dispatcher(run_dir, plan, card, ledger, execution, observer)
         try:
             settings = dispatcher.run(todo)
+        except ExecutionError as exc:  # the cluster or store keeps failing: say so in report.json, then stop
+            _report_stopped(run_dir, plan, ledger, len(todo), plan_s + time.perf_counter() - t_start, exc)
+            raise
         finally:
             save_ledger(run_dir, ledger)
     t_tiles = time.perf_counter() - t0
@@ -229,6 +234,18 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     lease.check()
     storage.write_bytes(storage.join(run_dir, REPORT_FILE), report.to_json().encode())
     return report
+
+
+def _report_stopped(run_dir: str, plan: RunPlan, ledger: Ledger, processed: int, seconds: float,
+                    exc: ExecutionError) -> None:
+    """The report of a run that stopped before its outputs: what is done and failed, and why it stopped."""
+    report = RunReport(
+        run_id=plan.run_id, model=ModelUsed(plan.model_name, plan.model_version, plan.model),
+        tiles_total=plan.tile_count, tiles_done=len(ledger.done), tiles_failed=len(ledger.failed),
+        tiles_processed=processed, failed_tiles=_failed(ledger), class_area_m2={}, class_pixel_area_m2={},
+        stage_s={"total": round(seconds, 3)}, tiles_per_s=None, execution=None, warnings=plan.warnings,
+        outputs=None, error=f"{type(exc).__name__}: {exc}")
+    storage.write_bytes(storage.join(run_dir, REPORT_FILE), report.to_json().encode())
 
 
 GPKG_BYTES_PER_PX = 1.0  # an estimate of the GeoPackage's size per grid pixel, for the free-space check
@@ -315,7 +332,11 @@ class _Dispatcher:
         self.initial_actors = len(shapes)
         self.nodes: dict[str, set[str]] = {"tile": set(), "infer": set()}
         self.replacements = 0
-        self.attempts: dict[int, int] = {}
+        self.attempts: dict[int, int] = {}  # the tile's own failures
+        self.infra: dict[int, int] = {}  # infrastructure faults met by each tile (never charged to it)
+        self.infra_total = 0
+        self.waiting: list[tuple[float, int, str]] = []  # heap of (due, tile id, stage): backoff after a fault
+        self.fresh: set[int] = set()  # tiles to read with their scenes opened afresh (after an error of their own)
         self.progress = _Progress(plan.tile_count, execution.progress)
 
     def _start(self, shape: ActorShape) -> None:
@@ -340,9 +361,34 @@ class _Dispatcher:
             log.info("node %s joined: starting an inference actor of %g CPUs on it", shape.node_id, shape.num_cpus)
             self._start(shape)
 
+    def _fault(self, tile_id: int, stage: str, error: TileError, retry: deque[int], infra: bool = False) -> None:
+        """A tile that did not get through ``stage``: retried after backoff when the fault is the infrastructure's
+        (never charged to the tile; the run's budget is), else charged to the tile (``faults.py``)."""
+        if not (infra or is_infrastructure(error)):
+            self._failed_attempt(tile_id, stage, error, retry)
+            return
+        self.infra_total += 1
+        if self.infra_total > self.ex.infra_retries:
+            raise ExecutionError(
+                f"{self.infra_total} infrastructure faults in this run (last: tile {tile_id} in {stage}: "
+                f"{error.error_type}: {error.message}): more than infra_retries={self.ex.infra_retries}; the tiles "
+                "done so far are kept: fix the cluster or the store, then `geoseg rerun`")
+        self.infra[tile_id] = self.infra.get(tile_id, 0) + 1
+        log.info("tile %d: %s in %s, retried in %.0f s", tile_id, error.error_type, stage,
+                 backoff_s(self.infra[tile_id]))
+        heapq.heappush(self.waiting, (time.monotonic() + backoff_s(self.infra[tile_id]), tile_id, stage))
+
+    def _due(self, retry_read: deque[int], to_infer: deque[int]) -> None:
+        """Move the tiles whose backoff is over back to their stage's queue."""
+        now = time.monotonic()
+        while self.waiting and self.waiting[0][0] <= now:
+            _, tile_id, stage = heapq.heappop(self.waiting)
+            (retry_read if stage == "tile" else to_infer).append(tile_id)
+
     def _failed_attempt(self, tile_id: int, stage: str, error: TileError, retry: deque[int]) -> None:
         self.attempts[tile_id] = self.attempts.get(tile_id, 0) + 1
         if self.attempts[tile_id] < self.ex.max_attempts:
+            self.fresh.add(tile_id)
             retry.append(tile_id)
         else:
             log.info("tile %d failed in %s: %s: %s", tile_id, stage, error.error_type, error.message)
@@ -359,15 +405,18 @@ class _Dispatcher:
         inferring: dict[Any, tuple[_Actor, list[int]]] = {}
         last_flush = time.monotonic()
         tiles = self.plan.tiles
-        while runs or retry_read or to_infer or reading or inferring:
+        while runs or retry_read or to_infer or reading or inferring or self.waiting:
             self._refresh()
+            self._due(retry_read, to_infer)
             runs.extend([retry_read.popleft()] for _ in range(len(retry_read)))
             max_reading = max(1, sum(a.shape.readers for a in self.actors.values()))
             max_ready = 2 * self.call_tiles * max(1, len(self.actors))
             while runs and len(reading) < max_reading and len(to_infer) < max_ready:
                 ids = runs.popleft()
                 work = [(i, int(tiles[i, 0]), int(tiles[i, 1])) for i in ids]
-                reading[self.tile_remote.remote(self.job_ref, work)] = ids
+                fresh = bool(self.fresh.intersection(ids))
+                self.fresh.difference_update(ids)
+                reading[self.tile_remote.remote(self.job_ref, work, fresh)] = ids
             last_tiles = not runs and not reading
             for actor in self.actors.values():
                 # a full call, or whatever is ready for an idle actor (or at the end): calls grow while it is busy
@@ -377,7 +426,11 @@ class _Dispatcher:
                     inferring[actor.handle.__call__.remote(ids)] = (actor, ids)
                     actor.in_flight += 1
             refs = [*reading, *inferring]
-            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            wait_s = min(1.0, max(0.0, self.waiting[0][0] - time.monotonic())) if self.waiting else 1.0
+            if not refs:
+                time.sleep(wait_s)  # only tiles in backoff
+                continue
+            ready, _ = ray.wait(refs, num_returns=1, timeout=wait_s)
             if ready:
                 ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             for ref in ready:
@@ -400,31 +453,34 @@ class _Dispatcher:
             use_gpu=self.use_gpu, device=first.device if first else None, precision=self.plan.precision,
             batch_size=self.batch_size, prefetch=self.ex.prefetch, tile_cpus=self.ex.tile_cpus,
             readers_per_actor=first.readers if first else None, tiles_per_read=self.run_len,
-            tiles_per_call=self.call_tiles, nodes={role: sorted(ids) for role, ids in self.nodes.items()})
+            tiles_per_call=self.call_tiles, nodes={role: sorted(ids) for role, ids in self.nodes.items()},
+            infra_retries=self.infra_total)
 
     def _read_done(self, ref: Any, ids: list[int], to_infer: deque[int], retry: deque[int]) -> None:
         try:
             node, results = ray.get(ref)
-        except RayError as exc:  # the task's worker or node died: every tile of the run gets another try
-            results, node = [(i, TileError.of(exc)) for i in ids], None
-        if node:
-            self.nodes["tile"].add(node)
+        except RayError as exc:  # the task's worker or node died: the infrastructure's fault, for every tile
+            for i in ids:
+                self._fault(i, "tile", TileError.of(exc), retry, infra=True)
+            return
+        self.nodes["tile"].add(node)
         for i, err in results:
             if err is None:
                 to_infer.append(i)
             else:
-                self._failed_attempt(i, "tile", err, retry)
+                self._fault(i, "tile", err, retry)
 
     def _infer_done(self, ref: Any, actor: _Actor, ids: list[int], to_infer: deque[int]) -> None:
         actor.in_flight -= 1
         try:
             node, results = ray.get(ref)
-        except RayActorError as exc:
-            self._replace(actor, exc)
+        except RayError as exc:  # the actor (or its node) died: the infrastructure's fault
+            if isinstance(exc, RayActorError):
+                self._replace(actor, exc)
+            died = TileError.of(exc)
             for i in ids:
-                died = TileError.of(exc)
-                self._failed_attempt(i, "infer", replace(died, message=f"inference actor died: {died.message}"),
-                                     to_infer)
+                self._fault(i, "infer", replace(died, message=f"inference actor died: {died.message}"), to_infer,
+                            infra=True)
             return
         self.nodes["infer"].add(node)
         done = [i for i, err in results if err is None]
@@ -433,7 +489,7 @@ class _Dispatcher:
         self.observer.tiles_done(done)
         for i, err in results:
             if err is not None:
-                self._failed_attempt(i, "infer", err, to_infer)
+                self._fault(i, "infer", err, to_infer)
 
     def _replace(self, actor: _Actor, exc: Exception) -> None:
         """Replace a dead actor once (its other calls in flight fail too and must not replace it again);
@@ -441,6 +497,7 @@ class _Dispatcher:
         if self.actors.get(actor.key) is not actor:
             return
         del self.actors[actor.key]
+        ray.kill(actor.handle)  # a hung or half-dead actor must not hold its CPUs or GPU
         if actor.shape.node_id is not None and actor.shape.node_id not in {n.node_id for n in alive_nodes()}:
             log.warning("node %s left with inference actor %d", actor.shape.node_id, actor.key)
             return

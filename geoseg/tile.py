@@ -87,16 +87,20 @@ def _stores(run_dir: str, run_id: str) -> Stores:
     return Stores(run_dir)
 
 
-def run_tiles(job: TileJob, tiles: list[tuple[int, int, int]]) -> tuple[str, list[tuple[int, TileError | None]]]:
+def run_tiles(job: TileJob, tiles: list[tuple[int, int, int]], fresh: bool
+              ) -> tuple[str, list[tuple[int, TileError | None]]]:
     """Task body for a run of neighbouring (id, row, col) tiles: the scene blocks they share decode once, and
     the driver handles one task per run. Returns this node's id and (id, error) per tile instead of raising,
-    so one bad tile is recorded alone and its neighbours go on."""
+    so one bad tile is recorded alone and its neighbours go on. ``fresh``: a retry after an error of the tile's
+    own opens its scenes anew (a new GDAL handle), so an error that repeats is the tile's, not the handle's."""
+    if fresh:
+        open_reader.cache_clear()
     stores = _stores(job.run_dir, job.run_id)
     results: list[tuple[int, TileError | None]] = []
     for tile_id, row, col in tiles:
         try:
             make_tile(job, stores, tile_id, row, col)
             results.append((tile_id, None))
-        except Exception as exc:  # any failure is this tile's, recorded in the ledger
+        except Exception as exc:  # recorded per tile; the driver tells whose fault it is (faults.py)
             results.append((tile_id, TileError.of(exc)))
     return this_node(), results

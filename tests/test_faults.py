@@ -1,0 +1,120 @@
+"""Whose fault is a failure (faults.py), and faults of the infrastructure never charged to a tile.
+
+The runs use ``max_attempts=1``: a fault charged to a tile would fail it at once, so a run that ends with
+every tile done, after workers or actors were killed by their process ids, shows none was charged."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import rasterio
+
+from geoseg import runtime
+from geoseg.config import ExecutionSettings, RunConfig
+from geoseg.errors import ExecutionError
+from geoseg.faults import backoff_s, is_infrastructure
+from geoseg.results import TileError
+
+SCENE = "sentinel2_strzegom/scenes/strzegom_20230530_33u.tif"
+
+
+@pytest.mark.parametrize(("error", "infra"), [
+    (TileError("ConnectionResetError", "[Errno 104] Connection reset by peer"), True),
+    (TileError("EndpointConnectionError", 'Could not connect to the endpoint URL: "http://127.0.0.1:8333/b"'), True),
+    (TileError("RasterioIOError", "HTTP response code: 503"), True),
+    (TileError("OSError", "Temporary failure in name resolution"), True),
+    (TileError("WorkerCrashedError", "The worker died unexpectedly while executing this task."), True),
+    (TileError("SceneReadError", "scene.tif is truncated or unreadable: Read failed at block 3"), False),
+    (TileError("RasterioIOError", "scene.tif: TIFFReadEncodedTile() failed."), False),
+    (TileError("ValueError", "operands could not be broadcast together"), False),
+])
+def test_errors_are_classified_by_whose_fault_they_are(error: TileError, infra: bool) -> None:
+    assert is_infrastructure(error) is infra
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    assert [backoff_s(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
+    assert backoff_s(50) == 30.0
+
+
+def config(data_dir: Path, out: Path) -> RunConfig:
+    return RunConfig(scenes=(str(data_dir / SCENE),), out=str(out), tile_size=64, resolution=5.0)
+
+
+def classes(run_dir: Path) -> np.ndarray:
+    with rasterio.open(run_dir / "classes.tif") as src:
+        return src.read(1)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, ray_session: None) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "run"
+    assert runtime.run(config(data_dir, out), ExecutionSettings(progress=False)).complete
+    return out
+
+
+class Killer:
+    """Kills, by process id, up to ``times`` processes whose command line shows them running ``marker``."""
+
+    def __init__(self, marker: str, times: int) -> None:
+        self.marker, self.times = marker, times
+        self.killed: list[int] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set() and len(self.killed) < self.times:
+            for p in psutil.process_iter(["cmdline"]):
+                if p.pid not in self.killed and any(self.marker in part for part in (p.info["cmdline"] or [])):
+                    os.kill(p.pid, signal.SIGKILL)
+                    self.killed.append(p.pid)
+                    time.sleep(0.3)  # let the driver see it before the next
+                    break
+            time.sleep(0.005)
+
+    def __enter__(self) -> Killer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def test_killed_readers_are_not_charged_to_their_tiles(tmp_path: Path, data_dir: Path, clean: Path) -> None:
+    with Killer("run_tiles", times=2) as killer:
+        report = runtime.run(config(data_dir, tmp_path / "run"), ExecutionSettings(max_attempts=1, progress=False))
+    assert killer.killed, "no reader was killed while the run was going"
+    assert report.complete and report.tiles_failed == 0
+    assert report.execution is not None and report.execution.infra_retries >= len(killer.killed)
+    assert np.array_equal(classes(tmp_path / "run"), classes(clean))
+
+
+def test_an_actor_killed_again_and_again_costs_no_tile(tmp_path: Path, data_dir: Path, clean: Path) -> None:
+    with Killer("Predictor.__call__", times=3) as killer:
+        report = runtime.run(config(data_dir, tmp_path / "run"), ExecutionSettings(max_attempts=1, progress=False))
+    assert len(killer.killed) >= 2, "the actors were not killed while the run was going"
+    assert report.complete and report.execution is not None and report.execution.infra_retries >= 2
+    assert np.array_equal(classes(tmp_path / "run"), classes(clean))
+
+
+def test_a_spent_fault_budget_stops_the_run_with_its_ledger_and_report(tmp_path: Path, data_dir: Path,
+                                                                       clean: Path) -> None:
+    out = tmp_path / "run"
+    with Killer("Predictor.__call__", times=1) as killer, pytest.raises(ExecutionError, match="infra_retries=0"):
+        runtime.run(config(data_dir, out), ExecutionSettings(infra_retries=0, progress=False))
+    assert killer.killed
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"] is None and "infrastructure faults" in report["error"]
+    assert report["tiles_failed"] == 0 and report["tiles_done"] < report["tiles_total"]
+    assert (out / "ledger.json").exists()
+    assert runtime.rerun(str(out), ExecutionSettings(progress=False)).complete
+    assert np.array_equal(classes(out), classes(clean))
