@@ -125,6 +125,9 @@ class ExecutionSettings:
     max_attempts: int = 2
     """Tries per tile within one run before it is recorded as failed, counting only failures that are the
     tile's own (``faults.py``): infrastructure faults are retried without using them up."""
+    deadline_s: float | None = None
+    """Seconds every reader task and actor call may run (from its start) before its worker is ended and its
+    tiles retried elsewhere; None: ``faults.Deadlines``, from the rates measured in this run."""
     infra_retries: int = 1000
     """Retries after infrastructure faults the whole run may spend (with backoff) before it ends with an
     ``ExecutionError``, its ledger saved: a cluster or store that keeps failing is not waited on forever."""
@@ -141,6 +144,7 @@ class ExecutionSettings:
         _positive(self.tile_cpus, "tile_cpus")
         _positive(self.batch_size, "--batch-size")
         _positive(self.max_attempts, "max_attempts")
+        _positive(self.deadline_s, "deadline_s", " (seconds)")
         _require(self.infra_retries >= 0, f"infra_retries must be 0 or more, got {self.infra_retries}")
 
 

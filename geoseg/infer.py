@@ -16,6 +16,7 @@ import numpy.typing as npt
 import torch
 
 from geoseg.cluster import this_node
+from geoseg.faults import thread_deadline
 from geoseg.grid import Grid
 from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import load_model
@@ -88,10 +89,12 @@ class Predictor:
         self.batch_size = batch_size
         self._forward = ThreadPoolExecutor(1, "forward", initializer=_start_forward_thread, initargs=(self.threads,))
 
-    def __call__(self, tile_ids: list[int]) -> tuple[str, list[tuple[int, TileError | None]]]:
-        """Predict and write tiles, ``batch_size`` at a time; this node's id and (tile id, error or None) each."""
+    def __call__(self, tile_ids: list[int], deadline_s: float) -> tuple[str, list[tuple[int, TileError | None]]]:
+        """Predict and write tiles, ``batch_size`` at a time; this node's id and (tile id, error or None) each.
+        Past ``deadline_s`` of running, the actor's process ends (``faults.thread_deadline``)."""
         b = self.batch_size
-        results = [r for k in range(0, len(tile_ids), b) for r in self._batch(tile_ids[k:k + b])]
+        with thread_deadline(deadline_s):
+            results = [r for k in range(0, len(tile_ids), b) for r in self._batch(tile_ids[k:k + b])]
         return this_node(), results
 
     def _batch(self, tile_ids: list[int]) -> list[tuple[int, TileError | None]]:

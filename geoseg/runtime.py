@@ -36,7 +36,7 @@ from geoseg import storage, store
 from geoseg.cluster import ActorShape, alive_nodes, connect, cpu_actors, gpu_actors, uses_gpu
 from geoseg.config import ExecutionSettings, RunConfig, default_batch_size
 from geoseg.errors import ExecutionError, PlanMismatchError
-from geoseg.faults import backoff_s, is_infrastructure
+from geoseg.faults import Deadlines, backoff_s, is_infrastructure
 from geoseg.infer import Predictor
 from geoseg.lease import LEASE_FILE, Lease
 from geoseg.lease import acquire as acquire_lease
@@ -337,6 +337,8 @@ class _Dispatcher:
         self.infra_total = 0
         self.waiting: list[tuple[float, int, str]] = []  # heap of (due, tile id, stage): backoff after a fault
         self.fresh: set[int] = set()  # tiles to read with their scenes opened afresh (after an error of their own)
+        self.deadlines = Deadlines(execution.deadline_s)
+        self.submitted: dict[Any, float] = {}  # when each call in flight was submitted
         self.progress = _Progress(plan.tile_count, execution.progress)
 
     def _start(self, shape: ActorShape) -> None:
@@ -416,14 +418,18 @@ class _Dispatcher:
                 work = [(i, int(tiles[i, 0]), int(tiles[i, 1])) for i in ids]
                 fresh = bool(self.fresh.intersection(ids))
                 self.fresh.difference_update(ids)
-                reading[self.tile_remote.remote(self.job_ref, work, fresh)] = ids
+                ref = self.tile_remote.remote(self.job_ref, work, fresh, self.deadlines.seconds("tile", len(ids)))
+                reading[ref] = ids
+                self.submitted[ref] = time.monotonic()
             last_tiles = not runs and not reading
             for actor in self.actors.values():
                 # a full call, or whatever is ready for an idle actor (or at the end): calls grow while it is busy
                 while actor.in_flight <= self.ex.prefetch and (len(to_infer) >= self.call_tiles or (
                         to_infer and (last_tiles or actor.in_flight == 0))):
                     ids = [to_infer.popleft() for _ in range(min(self.call_tiles, len(to_infer)))]
-                    inferring[actor.handle.__call__.remote(ids)] = (actor, ids)
+                    ref = actor.handle.__call__.remote(ids, self.deadlines.seconds("infer", len(ids)))
+                    inferring[ref] = (actor, ids)
+                    self.submitted[ref] = time.monotonic()
                     actor.in_flight += 1
             refs = [*reading, *inferring]
             wait_s = min(1.0, max(0.0, self.waiting[0][0] - time.monotonic())) if self.waiting else 1.0
@@ -457,6 +463,7 @@ class _Dispatcher:
             infra_retries=self.infra_total)
 
     def _read_done(self, ref: Any, ids: list[int], to_infer: deque[int], retry: deque[int]) -> None:
+        submitted = self.submitted.pop(ref)
         try:
             node, results = ray.get(ref)
         except RayError as exc:  # the task's worker or node died: the infrastructure's fault, for every tile
@@ -464,6 +471,7 @@ class _Dispatcher:
                 self._fault(i, "tile", TileError.of(exc), retry, infra=True)
             return
         self.nodes["tile"].add(node)
+        self.deadlines.record("tile", time.monotonic() - submitted, len(ids))
         for i, err in results:
             if err is None:
                 to_infer.append(i)
@@ -472,6 +480,7 @@ class _Dispatcher:
 
     def _infer_done(self, ref: Any, actor: _Actor, ids: list[int], to_infer: deque[int]) -> None:
         actor.in_flight -= 1
+        submitted = self.submitted.pop(ref)
         try:
             node, results = ray.get(ref)
         except RayError as exc:  # the actor (or its node) died: the infrastructure's fault
@@ -483,6 +492,7 @@ class _Dispatcher:
                             infra=True)
             return
         self.nodes["infer"].add(node)
+        self.deadlines.record("infer", time.monotonic() - submitted, len(ids))
         done = [i for i, err in results if err is None]
         for i in done:
             self.ledger.mark_done(i)

@@ -15,6 +15,7 @@ from rasterio.features import geometry_mask
 from shapely import wkt as shapely_wkt
 
 from geoseg.cluster import this_node
+from geoseg.faults import process_deadline
 from geoseg.grid import Grid
 from geoseg.plan import SceneUse, touches
 from geoseg.results import TileError
@@ -87,12 +88,19 @@ def _stores(run_dir: str, run_id: str) -> Stores:
     return Stores(run_dir)
 
 
-def run_tiles(job: TileJob, tiles: list[tuple[int, int, int]], fresh: bool
+def run_tiles(job: TileJob, tiles: list[tuple[int, int, int]], fresh: bool, deadline_s: float
               ) -> tuple[str, list[tuple[int, TileError | None]]]:
     """Task body for a run of neighbouring (id, row, col) tiles: the scene blocks they share decode once, and
     the driver handles one task per run. Returns this node's id and (id, error) per tile instead of raising,
     so one bad tile is recorded alone and its neighbours go on. ``fresh``: a retry after an error of the tile's
-    own opens its scenes anew (a new GDAL handle), so an error that repeats is the tile's, not the handle's."""
+    own opens its scenes anew (a new GDAL handle), so an error that repeats is the tile's, not the handle's.
+    Past ``deadline_s`` of running, the worker process ends (``faults.process_deadline``)."""
+    with process_deadline(deadline_s):
+        return _run_tiles(job, tiles, fresh)
+
+
+def _run_tiles(job: TileJob, tiles: list[tuple[int, int, int]], fresh: bool
+               ) -> tuple[str, list[tuple[int, TileError | None]]]:
     if fresh:
         open_reader.cache_clear()
     stores = _stores(job.run_dir, job.run_id)

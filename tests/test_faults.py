@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,9 @@ import rasterio
 from geoseg import runtime
 from geoseg.config import ExecutionSettings, RunConfig
 from geoseg.errors import ExecutionError
-from geoseg.faults import backoff_s, is_infrastructure
+from geoseg.faults import DEADLINE_FIRST_S, DEADLINE_MIN_S, Deadlines, backoff_s, is_infrastructure
+from geoseg.plan import save_plan
+from geoseg.planner import make_plan
 from geoseg.results import TileError
 
 SCENE = "sentinel2_strzegom/scenes/strzegom_20230530_33u.tif"
@@ -116,5 +120,39 @@ def test_a_spent_fault_budget_stops_the_run_with_its_ledger_and_report(tmp_path:
     assert report["outputs"] is None and "infrastructure faults" in report["error"]
     assert report["tiles_failed"] == 0 and report["tiles_done"] < report["tiles_total"]
     assert (out / "ledger.json").exists()
+    assert runtime.rerun(str(out), ExecutionSettings(progress=False)).complete
+    assert np.array_equal(classes(out), classes(clean))
+
+
+def test_deadlines_come_from_measured_rates() -> None:
+    d = Deadlines()
+    assert d.seconds("tile", 4) == DEADLINE_FIRST_S  # nothing measured yet: generous
+    d.record("tile", 2.0, 4)  # 0.5 s per tile
+    assert d.seconds("tile", 4) == DEADLINE_MIN_S  # 10 x 0.5 x 4 = 20 s, under the floor
+    d.record("tile", 40.0, 4)  # a slow run of tiles: 10 s per tile
+    assert d.seconds("tile", 4) == 400.0 and d.seconds("infer", 1) == DEADLINE_FIRST_S
+    assert Deadlines(fixed_s=5.0).seconds("tile", 100) == 5.0
+
+
+def test_a_hung_read_is_ended_at_its_deadline_and_not_charged(tmp_path: Path, data_dir: Path, clean: Path) -> None:
+    """The scene becomes a FIFO nobody writes to after the plan is made: opening it blocks in C for ever. Each
+    reader is ended at its deadline (the kernel's SIGALRM: no Python thread could run), the faults are the
+    infrastructure's, and once the budget is spent the run stops with its report; repaired, the rerun equals
+    a clean run."""
+    scene = tmp_path / "scene.tif"
+    shutil.copyfile(data_dir / SCENE, scene)
+    out = tmp_path / "run"
+    run_config = replace(config(data_dir, out), scenes=(str(scene),))
+    plan = make_plan(run_config)
+    out.mkdir()
+    save_plan(str(out), plan)
+    scene.unlink()
+    os.mkfifo(scene)
+    with pytest.raises(ExecutionError, match="infra_retries=1"):
+        runtime.execute(str(out), plan, ExecutionSettings(deadline_s=3.0, infra_retries=1, progress=False))
+    report = json.loads((out / "report.json").read_text())
+    assert report["tiles_failed"] == 0 and report["tiles_done"] == 0 and report["outputs"] is None
+    scene.unlink()
+    shutil.copyfile(data_dir / SCENE, scene)
     assert runtime.rerun(str(out), ExecutionSettings(progress=False)).complete
     assert np.array_equal(classes(out), classes(clean))

@@ -75,7 +75,7 @@ def test_concurrent_calls_run_every_forward_pass_on_one_thread(data_dir: Path, t
         p.model.register_forward_hook(lambda *_, seen=threads: seen.add(threading.get_ident()))
         batches = [list(range(k, min(k + 2, plan.tile_count))) for k in range(0, plan.tile_count, 2)]
         with ThreadPoolExecutor(callers) as pool:
-            outcomes = list(pool.map(p, batches))
+            outcomes = list(pool.map(p, batches, [600.0] * len(batches)))
         assert all(err is None for _, out in outcomes for _, err in out)
         assert len(threads) == 1 and threading.get_ident() not in threads
         results.append(_predictions(run_dir))
