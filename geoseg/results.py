@@ -90,6 +90,9 @@ class Execution:
     infra_retries: int = 0
     """Tile retries after infrastructure faults (dead workers, nodes or actors; store outages): none of them
     was charged to a tile's attempts."""
+    tile_attempts_failed: int = 0
+    """Attempts charged to tiles: failures that were the tiles' own (0 on a run where only the cluster
+    failed)."""
 
 
 @dataclass(frozen=True)

@@ -460,7 +460,7 @@ class _Dispatcher:
             batch_size=self.batch_size, prefetch=self.ex.prefetch, tile_cpus=self.ex.tile_cpus,
             readers_per_actor=first.readers if first else None, tiles_per_read=self.run_len,
             tiles_per_call=self.call_tiles, nodes={role: sorted(ids) for role, ids in self.nodes.items()},
-            infra_retries=self.infra_total)
+            infra_retries=self.infra_total, tile_attempts_failed=sum(self.attempts.values()))
 
     def _read_done(self, ref: Any, ids: list[int], to_infer: deque[int], retry: deque[int]) -> None:
         submitted = self.submitted.pop(ref)

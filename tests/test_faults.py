@@ -99,6 +99,7 @@ def test_killed_readers_are_not_charged_to_their_tiles(tmp_path: Path, data_dir:
     assert killer.killed, "no reader was killed while the run was going"
     assert report.complete and report.tiles_failed == 0
     assert report.execution is not None and report.execution.infra_retries >= len(killer.killed)
+    assert report.execution.tile_attempts_failed == 0
     assert np.array_equal(classes(tmp_path / "run"), classes(clean))
 
 
