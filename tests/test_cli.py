@@ -52,6 +52,7 @@ def test_vectorise_command_writes_the_landcover_layer(tmp_path: Path, write_rast
     assert gdf.area_m2.tolist() == pytest.approx([15 * 25 * 4.0, 15 * 40 * 4.0])
 
 
+@pytest.mark.usefixtures("ray_session")  # `run` starts Ray first: the session's, its token in a temp HOME
 def test_errors_exit_with_status_2_and_a_named_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", str(tmp_path / "nothing-here")]) == 2
     assert "RunDirError" in capsys.readouterr().err
@@ -61,6 +62,7 @@ def test_errors_exit_with_status_2_and_a_named_error(tmp_path: Path, capsys: pyt
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.usefixtures("ray_session")  # `run` starts Ray first: the session's, its token in a temp HOME
 def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path: Path, data_dir: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     keep = tmp_path / "precious"
