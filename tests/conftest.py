@@ -20,6 +20,11 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# before any test: a Ray that some test starts on its own (a run refused after Ray came up) keeps its token
+# and files in this temp dir too, never in the machine's home or /tmp/ray
+TEST_ROOT = Path(tempfile.mkdtemp(prefix="geoseg-tests-", dir="/tmp"))
+os.environ["HOME"] = str(TEST_ROOT)
+os.environ["RAY_TMPDIR"] = str(TEST_ROOT / "ray")
 
 DATA = Path(os.environ.get("GEOSEG_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")).resolve()
 
