@@ -492,6 +492,7 @@ class _Dispatcher:
                             infra=True)
             return
         self.nodes["infer"].add(node)
+        self.replacements = 0  # an actor finished a call: the pool is healthy, deaths so far were passing faults
         self.deadlines.record("infer", time.monotonic() - submitted, len(ids))
         done = [i for i, err in results if err is None]
         for i in done:
@@ -512,8 +513,9 @@ class _Dispatcher:
             log.warning("node %s left with inference actor %d", actor.shape.node_id, actor.key)
             return
         self.replacements += 1
-        if self.replacements > 3 * self.initial_actors + 3:
-            raise ExecutionError(f"inference actors keep dying ({self.replacements} replaced); last error: {exc}; "
+        if self.replacements > 3 * self.initial_actors + 3:  # in a row, with no call finished between
+            raise ExecutionError(f"inference actors keep dying ({self.replacements} replaced in a row without "
+                                 f"finishing a call); last error: {exc}; "
                                  "the tiles done so far are kept: fix the cause, then `geoseg rerun`") from exc
         log.warning("inference actor %d died (%s); starting a replacement", actor.key, type(exc).__name__)
         self._start(actor.shape)
