@@ -100,9 +100,9 @@ def test_a_worker_node_removed_mid_run_costs_no_tile(clean: Path, data_dir: Path
                 proc.kill()
                 proc.wait()
         states = wait_for_dead_node(cluster)
-    assert states == ["ALIVE", "DEAD"]
-    report = check_report(out, clean)
-    assert report["execution"]["infra_retries"] >= 1  # the removed node's work was retried, not charged
+    assert states == ["ALIVE", "DEAD"]  # the node died while the run went on
+    # every tile done, none charged, the clean run's map (the removed node's calls in flight, if any, retried)
+    check_report(out, clean)
 
 
 # --- on a real SeaweedFS ------------------------------------------------------------------------------------------
