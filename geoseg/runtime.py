@@ -399,7 +399,15 @@ class _Dispatcher:
                                                 self.attempts[tile_id]))
 
     def run(self, todo: list[int]) -> Execution:
-        """Process ``todo`` tile ids until each is done or failed for good; how the work was spread."""
+        """Process ``todo`` tile ids until each is done or failed for good; how the work was spread. The actors
+        are ended on every exit path: a run stopped by an ``ExecutionError`` must not leave them holding CPUs."""
+        try:
+            return self._run(todo)
+        finally:
+            for actor in self.actors.values():
+                ray.kill(actor.handle)
+
+    def _run(self, todo: list[int]) -> Execution:
         runs = _runs(todo, self.run_len)
         retry_read: deque[int] = deque()
         to_infer: deque[int] = deque()
@@ -451,8 +459,6 @@ class _Dispatcher:
                 last_flush = time.monotonic()
         self.progress.close(len(self.ledger.done), len(self.ledger.failed))
         actors = len(self.actors)
-        for actor in self.actors.values():
-            ray.kill(actor.handle)
         first = self.first
         return Execution(
             actors=actors, actor_cpus=first.num_cpus if first else None, threads=first.threads if first else None,
