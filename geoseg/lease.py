@@ -1,9 +1,11 @@
 """One writer per RUN_DIR: a lease held by the running driver, renewed while it lives, released when it ends.
 
 The lease is ``RUN_DIR/lease.json``: which host, process and execution hold it, since when, and until when. A
-local RUN_DIR gets it as a file created atomically (``O_CREAT | O_EXCL``); an ``s3://`` RUN_DIR as an object
-created with a conditional PUT that fails when it exists (``If-None-Match: *``), renewed and taken over with PUTs
-conditional on the version last seen (``If-Match``). A daemon thread renews it every ``RENEW_S`` seconds for
+local RUN_DIR gets it as a file created atomically (``O_CREAT | O_EXCL``), and every read-then-write of it (renew,
+take over, release) runs under an exclusive ``flock`` on the RUN_DIR folder itself, so each is a compare-and-swap
+among drivers on one host. An ``s3://`` RUN_DIR gets it as an object created with a conditional PUT that fails
+when it exists (``If-None-Match: *``), renewed and taken over with PUTs conditional on the version last seen
+(``If-Match``). A daemon thread renews it every ``RENEW_S`` seconds for
 ``LEASE_TTL_S`` more seconds, so a driver that dies without releasing it (SIGKILL, a lost node) blocks the RUN_DIR
 for at most ``LEASE_TTL_S``. A lease is taken over only once it has expired, or at once when it names a process on
 this host that no longer exists. A second ``run``/``rerun`` meanwhile is refused with :class:`RunDirBusyError`.
@@ -11,6 +13,7 @@ this host that no longer exists. A second ``run``/``rerun`` meanwhile is refused
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -18,6 +21,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,11 +107,12 @@ class Lease:
                 return
             self.etag = etag
             return
-        current, _ = self._read()
-        if current is None or current.execution_id != self.execution_id:
-            self.lost = current or Holder("?", 0, "nobody (the lease was removed)", 0.0, 0.0)
-            return
-        storage.write_bytes(self.url, data)
+        with _locked(self.run_dir):
+            current, _ = self._read()
+            if current is None or current.execution_id != self.execution_id:
+                self.lost = current or Holder("?", 0, "nobody (the lease was removed)", 0.0, 0.0)
+                return
+            storage.write_bytes(self.url, data)
 
     def check(self) -> None:
         """Raise :class:`RunDirBusyError` when another driver took the lease over: this one must not publish."""
@@ -120,14 +126,15 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        current, version = self._read()
-        if current is None or current.execution_id != self.execution_id:
-            return
         if storage.is_remote(self.url):
-            if version == self.etag:
+            current, version = self._read()
+            if current is not None and current.execution_id == self.execution_id and version == self.etag:
                 storage.remove(self.url)
             return
-        Path(self.url).unlink(missing_ok=True)
+        with _locked(self.run_dir):
+            current, _ = self._read()
+            if current is not None and current.execution_id == self.execution_id:
+                Path(self.url).unlink(missing_ok=True)
 
     def __enter__(self) -> Lease:
         return self
@@ -144,14 +151,15 @@ class Lease:
             self.etag = etag
             return etag is not None
         Path(self.run_dir).mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.url, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        with _locked(self.run_dir):
+            try:
+                fd = os.open(self.url, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
         return True
 
     def _read(self) -> tuple[Holder | None, str | None]:
@@ -173,22 +181,18 @@ class Lease:
 
     def _remove_stale(self, version: str | None) -> None:
         """Remove the stale lease judged by its ``version``, and only it: on a store a conditional overwrite makes
-        it expire at once (then it is deleted); locally it is renamed away, and put back if it changed meanwhile."""
+        it expire at once (then it is deleted); locally it is removed under the folder's lock if unchanged."""
         if storage.is_remote(self.url):
             if version is not None and storage.write_if(self.url, b"{}", version) is not None:
                 storage.remove(self.url)
             return
-        moved = Path(self.url).with_name(f".{LEASE_FILE}.stale-{uuid.uuid4().hex}")
-        try:
-            os.rename(self.url, moved)
-        except FileNotFoundError:
-            return
-        if moved.read_text() != version:  # another driver's fresh lease: hand it back
+        with _locked(self.run_dir):
             try:
-                os.link(moved, self.url)
-            except FileExistsError:
-                pass
-        moved.unlink()
+                unchanged = Path(self.url).read_text() == version
+            except FileNotFoundError:
+                return
+            if unchanged:
+                Path(self.url).unlink()
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.renew_s):
@@ -211,6 +215,18 @@ def read_holder(run_dir: str) -> Holder | None:
     """Who holds RUN_DIR's lease now, if anyone."""
     holder, _ = Lease(run_dir)._read()
     return holder
+
+
+@contextmanager
+def _locked(run_dir: str) -> Iterator[None]:
+    """An exclusive ``flock`` on a local RUN_DIR folder while a lease is read and written: the lease file is
+    replaced by rename, so the lock is on the folder, which stays (no lock file left in the user's folder)."""
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def _alive(pid: int) -> bool:

@@ -181,14 +181,15 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     t0 = time.perf_counter()
     settings: Execution | None = None
     if todo:
-        dispatcher = _Dispatcher(run_dir, plan, card, ledger, execution, observer)
+        dispatcher = _Dispatcher(run_dir, plan, card, ledger, execution, observer, lease)
         try:
             settings = dispatcher.run(todo)
         except ExecutionError as exc:  # the cluster or store keeps failing: say so in report.json, then stop
             _report_stopped(run_dir, plan, ledger, len(todo), plan_s + time.perf_counter() - t_start, exc)
             raise
         finally:
-            save_ledger(run_dir, ledger)
+            if lease.lost is None:  # a driver whose lease was taken over leaves the ledger to the new holder
+                save_ledger(run_dir, ledger)
     t_tiles = time.perf_counter() - t0
     observer.stage_done("tiles")
 
@@ -307,8 +308,9 @@ class _Dispatcher:
     """
 
     def __init__(self, run_dir: str, plan: RunPlan, card: ModelCard, ledger: Ledger,
-                 execution: ExecutionSettings, observer: Observer) -> None:
+                 execution: ExecutionSettings, observer: Observer, lease: Lease) -> None:
         self.run_dir, self.plan, self.ledger, self.ex, self.observer = run_dir, plan, ledger, execution, observer
+        self.lease = lease
         self.use_gpu = uses_gpu(execution)
         self.batch_size = execution.batch_size or default_batch_size(self.use_gpu, plan.grid.input_size)
         batches = -(-plan.tile_count // self.batch_size)
@@ -416,6 +418,7 @@ class _Dispatcher:
         last_flush = time.monotonic()
         tiles = self.plan.tiles
         while runs or retry_read or to_infer or reading or inferring or self.waiting:
+            self.lease.check()  # another driver took RUN_DIR over (this one's renewals failed): stop at once
             self._refresh()
             self._due(retry_read, to_infer)
             runs.extend([retry_read.popleft()] for _ in range(len(retry_read)))
