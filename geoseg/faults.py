@@ -19,19 +19,29 @@ Deadlines: every reader task and actor call runs under a deadline counted from w
 from submission: waiting for an autoscaler takes minutes). The driver derives it from the rates it measured
 (:class:`Deadlines`); an overrun kills the worker process (a hung read: the kernel's SIGALRM, which needs no
 Python thread; a hung actor call: a watchdog thread), which the driver sees as a dead worker or actor, an
-infrastructure fault, and retries elsewhere.
+infrastructure fault, and retries elsewhere. A worker that cannot end itself (frozen: stopped by a signal, or
+its host swapping) is ended by the driver's backstop: each call records when it started running in Ray's
+key-value store (:func:`started`), and a call still running ``BACKSTOP_GRACE_S`` past its deadline is
+cancelled (``ray.cancel(force=True)``, a reader) or its actor killed (``ray.kill``). A call that never
+recorded a start is left to wait (an autoscaler may be starting its node) up to ``NOT_STARTED_S``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+
+import ray
+from ray.experimental import internal_kv
 
 from geoseg.results import TileError
 
@@ -93,6 +103,52 @@ class Deadlines:
         if not recent:
             return DEADLINE_FIRST_S
         return max(DEADLINE_MIN_S, DEADLINE_FACTOR * max(recent) * tiles)
+
+
+BACKSTOP_GRACE_S = 30.0  # the driver ends a call still running this long past its deadline (a frozen worker)
+NOT_STARTED_S = 1800.0  # ... and one that has not started this long after submission (its worker froze first)
+STARTED_NS = "geoseg-started"  # Ray key-value namespace of the start records of calls running now
+
+
+@dataclass(frozen=True)
+class Started:
+    """A call's start record: when (Unix seconds), and the process and node running it."""
+
+    at: float
+    pid: int
+    node_id: str
+
+
+@contextmanager
+def started() -> Iterator[None]:
+    """In a worker: record, for the driver's backstop, that this task or actor call runs now (two small writes
+    to Ray's GCS key-value store per call). Outside Ray (tests of a worker function), nothing."""
+    if not ray.is_initialized():
+        yield
+        return
+    context = ray.get_runtime_context()
+    key = context.get_task_id() or ""
+    record = {"at": time.time(), "pid": os.getpid(), "node_id": context.get_node_id()}
+    internal_kv._internal_kv_put(key, json.dumps(record), namespace=STARTED_NS)
+    try:
+        yield
+    finally:
+        internal_kv._internal_kv_del(key, namespace=STARTED_NS)
+
+
+def started_calls() -> dict[str, Started]:
+    """On the driver: the start record of every call running now, by task id (hex)."""
+    out = {}
+    for key in internal_kv._internal_kv_list("", namespace=STARTED_NS):
+        raw = internal_kv._internal_kv_get(key, namespace=STARTED_NS)
+        if raw:  # it may have ended between the list and the get
+            out[key.decode()] = Started(**json.loads(raw))
+    return out
+
+
+def forget_call(task_id: str) -> None:
+    """On the driver: drop the start record of a call it ended (a frozen worker never drops its own)."""
+    internal_kv._internal_kv_del(task_id, namespace=STARTED_NS)
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import numpy.typing as npt
 import torch
 
 from geoseg.cluster import this_node
-from geoseg.faults import thread_deadline
+from geoseg.faults import started, thread_deadline
 from geoseg.grid import Grid
 from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import load_model
@@ -93,7 +93,7 @@ class Predictor:
         """Predict and write tiles, ``batch_size`` at a time; this node's id and (tile id, error or None) each.
         Past ``deadline_s`` of running, the actor's process ends (``faults.thread_deadline``)."""
         b = self.batch_size
-        with thread_deadline(deadline_s):
+        with started(), thread_deadline(deadline_s):
             results = [r for k in range(0, len(tile_ids), b) for r in self._batch(tile_ids[k:k + b])]
         return this_node(), results
 

@@ -36,7 +36,15 @@ from geoseg import storage, store
 from geoseg.cluster import ActorShape, alive_nodes, connect, cpu_actors, gpu_actors, uses_gpu
 from geoseg.config import ExecutionSettings, RunConfig, default_batch_size
 from geoseg.errors import ExecutionError, PlanMismatchError
-from geoseg.faults import Deadlines, backoff_s, is_infrastructure
+from geoseg.faults import (
+    BACKSTOP_GRACE_S,
+    NOT_STARTED_S,
+    Deadlines,
+    backoff_s,
+    forget_call,
+    is_infrastructure,
+    started_calls,
+)
 from geoseg.infer import Predictor
 from geoseg.lease import LEASE_FILE, Lease
 from geoseg.lease import acquire as acquire_lease
@@ -56,6 +64,7 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "report.json"
 GPKG_FILE = "landcover.gpkg"
 LEDGER_FLUSH_S = 2.0
+BACKSTOP_EVERY_S = 5.0  # how often the driver looks for calls overrunning their deadline (frozen workers)
 RUN_PX = 4 * 1024**2  # core pixels per reader task: 4 tiles of 1024 px, 64 of 256 px
 REFRESH_S = 5.0  # how often a CPU pool looks for nodes that joined
 
@@ -340,7 +349,9 @@ class _Dispatcher:
         self.waiting: list[tuple[float, int, str]] = []  # heap of (due, tile id, stage): backoff after a fault
         self.fresh: set[int] = set()  # tiles to read with their scenes opened afresh (after an error of their own)
         self.deadlines = Deadlines(execution.deadline_s)
-        self.submitted: dict[Any, float] = {}  # when each call in flight was submitted
+        self.submitted: dict[Any, tuple[float, float]] = {}  # each call in flight: when submitted, its deadline
+        self.backstopped: set[Any] = set()  # calls the driver ended (frozen workers), until their error arrives
+        self.last_backstop = time.monotonic()
         self.progress = _Progress(plan.tile_count, execution.progress)
 
     def _start(self, shape: ActorShape) -> None:
@@ -429,19 +440,22 @@ class _Dispatcher:
                 work = [(i, int(tiles[i, 0]), int(tiles[i, 1])) for i in ids]
                 fresh = bool(self.fresh.intersection(ids))
                 self.fresh.difference_update(ids)
-                ref = self.tile_remote.remote(self.job_ref, work, fresh, self.deadlines.seconds("tile", len(ids)))
+                deadline = self.deadlines.seconds("tile", len(ids))
+                ref = self.tile_remote.remote(self.job_ref, work, fresh, deadline)
                 reading[ref] = ids
-                self.submitted[ref] = time.monotonic()
+                self.submitted[ref] = (time.monotonic(), deadline)
             last_tiles = not runs and not reading
             for actor in self.actors.values():
                 # a full call, or whatever is ready for an idle actor (or at the end): calls grow while it is busy
                 while actor.in_flight <= self.ex.prefetch and (len(to_infer) >= self.call_tiles or (
                         to_infer and (last_tiles or actor.in_flight == 0))):
                     ids = [to_infer.popleft() for _ in range(min(self.call_tiles, len(to_infer)))]
-                    ref = actor.handle.__call__.remote(ids, self.deadlines.seconds("infer", len(ids)))
+                    deadline = self.deadlines.seconds("infer", len(ids))
+                    ref = actor.handle.__call__.remote(ids, deadline)
                     inferring[ref] = (actor, ids)
-                    self.submitted[ref] = time.monotonic()
+                    self.submitted[ref] = (time.monotonic(), deadline)
                     actor.in_flight += 1
+            self._backstop(reading, inferring)
             refs = [*reading, *inferring]
             wait_s = min(1.0, max(0.0, self.waiting[0][0] - time.monotonic())) if self.waiting else 1.0
             if not refs:
@@ -471,8 +485,43 @@ class _Dispatcher:
             tiles_per_call=self.call_tiles, nodes={role: sorted(ids) for role, ids in self.nodes.items()},
             infra_retries=self.infra_total, tile_attempts_failed=sum(self.attempts.values()))
 
+    def _backstop(self, reading: dict[Any, list[int]], inferring: dict[Any, tuple[_Actor, list[int]]]) -> None:
+        """End the calls whose workers did not end themselves at their deadline (a frozen process runs no alarm
+        or watchdog), every ``BACKSTOP_EVERY_S``: a reader task is cancelled by force, an actor killed. Their
+        errors then come back as infrastructure faults. Counted from the call's own start record (``faults``)."""
+        now = time.monotonic()
+        if now - self.last_backstop < BACKSTOP_EVERY_S:
+            return
+        self.last_backstop = now
+        late = [ref for ref, (t, deadline) in self.submitted.items()
+                if now - t > deadline + BACKSTOP_GRACE_S and ref not in self.backstopped]
+        if not late:
+            return
+        running, wall = started_calls(), time.time()
+        for ref in late:
+            task_id = ref.task_id().hex()
+            record = running.get(task_id)
+            submitted, deadline = self.submitted[ref]
+            if record is None and now - submitted < NOT_STARTED_S:
+                continue  # not started yet: waiting for a worker or a node
+            if record is not None and wall - record.at < deadline + BACKSTOP_GRACE_S:
+                continue
+            where = f"pid {record.pid} on node {record.node_id}" if record else "never started"
+            self.backstopped.add(ref)
+            forget_call(task_id)
+            if ref in reading:
+                log.warning("a tile reader (%s) overran its deadline of %.0f s and did not end: cancelling it",
+                            where, deadline)
+                ray.cancel(ref, force=True)
+            else:
+                actor = inferring[ref][0]
+                log.warning("inference actor %d (%s) overran its deadline of %.0f s and did not end: killing it",
+                            actor.key, where, deadline)
+                ray.kill(actor.handle)
+
     def _read_done(self, ref: Any, ids: list[int], to_infer: deque[int], retry: deque[int]) -> None:
-        submitted = self.submitted.pop(ref)
+        submitted, _ = self.submitted.pop(ref)
+        self.backstopped.discard(ref)
         try:
             node, results = ray.get(ref)
         except RayError as exc:  # the task's worker or node died: the infrastructure's fault, for every tile
@@ -489,7 +538,8 @@ class _Dispatcher:
 
     def _infer_done(self, ref: Any, actor: _Actor, ids: list[int], to_infer: deque[int]) -> None:
         actor.in_flight -= 1
-        submitted = self.submitted.pop(ref)
+        submitted, _ = self.submitted.pop(ref)
+        self.backstopped.discard(ref)
         try:
             node, results = ray.get(ref)
         except RayError as exc:  # the actor (or its node) died: the infrastructure's fault

@@ -15,7 +15,7 @@ from rasterio.features import geometry_mask
 from shapely import wkt as shapely_wkt
 
 from geoseg.cluster import this_node
-from geoseg.faults import process_deadline
+from geoseg.faults import process_deadline, started
 from geoseg.grid import Grid
 from geoseg.plan import SceneUse, touches
 from geoseg.results import TileError
@@ -95,7 +95,7 @@ def run_tiles(job: TileJob, tiles: list[tuple[int, int, int]], fresh: bool, dead
     so one bad tile is recorded alone and its neighbours go on. ``fresh``: a retry after an error of the tile's
     own opens its scenes anew (a new GDAL handle), so an error that repeats is the tile's, not the handle's.
     Past ``deadline_s`` of running, the worker process ends (``faults.process_deadline``)."""
-    with process_deadline(deadline_s):
+    with started(), process_deadline(deadline_s):
         return _run_tiles(job, tiles, fresh)
 
 
