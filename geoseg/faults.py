@@ -122,12 +122,12 @@ class Started:
 @contextmanager
 def started() -> Iterator[None]:
     """In a worker: record, for the driver's backstop, that this task or actor call runs now (two small writes
-    to Ray's GCS key-value store per call). Outside Ray (tests of a worker function), nothing."""
-    if not ray.is_initialized():
+    to Ray's GCS key-value store per call). Outside a Ray task (a worker function called directly), nothing."""
+    context = ray.get_runtime_context() if ray.is_initialized() else None
+    key = context.get_task_id() if context is not None else None
+    if context is None or key is None:
         yield
         return
-    context = ray.get_runtime_context()
-    key = context.get_task_id() or ""
     record = {"at": time.time(), "pid": os.getpid(), "node_id": context.get_node_id()}
     internal_kv._internal_kv_put(key, json.dumps(record), namespace=STARTED_NS)
     try:
