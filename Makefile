@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[test,lint]'
+	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[test,lint,clouds]'
 	touch $@
 
 setup: $(VENV)/.installed
