@@ -39,6 +39,10 @@ class ConfigError(GeosegError, ValueError):
     """A setting has a value geoseg cannot use."""
 
 
+class MissingExtraError(GeosegError, ImportError):
+    """An optional dependency (an extra such as ``geoseg[clouds]``) is missing; the message says what to install."""
+
+
 
 class ExecutionError(GeosegError, RuntimeError):
     """The cluster could not finish the work (inference actors keep dying, a block's result went missing)."""
