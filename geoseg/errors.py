@@ -42,6 +42,8 @@ class ConfigError(GeosegError, ValueError):
 class MissingExtraError(GeosegError, ImportError):
     """An optional dependency (an extra such as ``geoseg[clouds]``) is missing; the message says what to install."""
 
+class CatalogueError(GeosegError, ValueError):
+    """A STAC catalogue cannot be read, holds no item over the region and window, or an item lacks a band."""
 
 
 class ExecutionError(GeosegError, RuntimeError):
