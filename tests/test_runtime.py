@@ -9,24 +9,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
-import psutil
 import pytest
 import rasterio
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
+from _kill import Killer
 from pyproj import CRS
 from shapely import union_all
 
@@ -303,28 +300,9 @@ def test_killed_inference_actor_is_replaced_and_output_is_identical(
         tmp_path: Path, data_dir: Path, clean_small_run: Path) -> None:
     scene = plain_copy(s2_path(data_dir), tmp_path / "scene.tif")
     out = tmp_path / "run"
-    finished = threading.Event()
-    killed: list[int] = []
-
-    def kill_first_actor() -> None:
-        while not finished.is_set():
-            for p in psutil.process_iter(["cmdline"]):
-                if any("Predictor.__call__" in part for part in (p.info["cmdline"] or [])):
-                    time.sleep(0.5)
-                    if not finished.is_set():
-                        os.kill(p.pid, signal.SIGKILL)
-                        killed.append(p.pid)
-                    return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_first_actor)
-    killer.start()
-    try:
+    with Killer("Predictor.__call__", times=1) as killer:
         code = main(["run", "--scenes", str(scene), "--out", str(out), *SMALL_TILES])
-    finally:
-        finished.set()
-        killer.join()
-    assert killed, "the actor was not killed while the run was going"
+    assert killer.killed, "the actor was not killed while the run was going"
     assert code == 0
     report = check_outputs(out)
     assert report["tiles_done"] == report["tiles_total"]

