@@ -15,7 +15,15 @@ from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 from shapely.validation import explain_validity
 
-from geoseg.config import MAX_TILES, PRECISIONS, ExecutionSettings, RunConfig, VectoriseSettings
+from geoseg.config import (
+    CLOUD_MASKS,
+    COMPOSITES,
+    MAX_TILES,
+    PRECISIONS,
+    ExecutionSettings,
+    RunConfig,
+    VectoriseSettings,
+)
 from geoseg.errors import ConfigError, ExecutionError, GeosegError, RegionError
 from geoseg.results import RunReport, RunStatus
 
@@ -74,7 +82,22 @@ def _across_antimeridian(geom: BaseGeometry) -> BaseGeometry:
 
 
 def _run_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scenes", nargs="+", required=True, metavar="FILE", help="scene GeoTIFFs (paths or s3:// URLs)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--scenes", nargs="+", metavar="FILE", help="scene GeoTIFFs (paths or s3:// URLs)")
+    src.add_argument("--stac", metavar="URL", help="STAC API, or static catalogue/collection JSON, to find items in")
+    p.add_argument("--collection", metavar="ID", help="catalogue collection, e.g. sentinel-2-l2a")
+    p.add_argument("--datetime", metavar="START/END", help="time window of catalogue items, e.g. 2023-05-01/2023-08-31")
+    p.add_argument("--max-cloud", type=float, metavar="PCT", help="skip catalogue items cloudier than this")
+    p.add_argument("--composite", choices=COMPOSITES, default="first",
+                   help="how dates that see one pixel combine (default first: the first listed / earliest)")
+    p.add_argument("--cloud-mask", choices=CLOUD_MASKS, default="auto",
+                   help="cloud and shadow masks (default auto: an item's SCL band, else the cloud model for "
+                        "catalogue items; none for --scenes)")
+    p.add_argument("--cloud-buffer", type=float, default=100.0, metavar="METRES",
+                   help="grow cloud and shadow masks by this much (default 100 m): their hazy rims are not clear")
+    p.add_argument("--reflectance-offset", type=float, metavar="DN",
+                   help="what --scenes values add to reflectance x 10000: 1000 for Sentinel-2 baseline 04.00 on, "
+                        "0 before (default: the files' band offset/scale, else the model's convention)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (path or s3:// URL)")
     p.add_argument("--model", help="shipped model name (sentinel2-lulc, aerial-rgb) or checkpoint path")
     p.add_argument("--region", metavar="REGION.geojson", help="area to map, lon/lat GeoJSON")
@@ -148,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run_config(args: argparse.Namespace) -> tuple[RunConfig, ExecutionSettings]:
     """Arguments of ``geoseg run`` → the run's typed settings."""
     config = RunConfig(
-        scenes=tuple(args.scenes), out=args.out.rstrip("/"), model=args.model,
+        scenes=tuple(args.scenes or ()), out=args.out.rstrip("/"), model=args.model,
+        stac=args.stac, collection=args.collection, datetime=args.datetime, max_cloud=args.max_cloud,
+        composite=args.composite, cloud_mask=args.cloud_mask, cloud_buffer=args.cloud_buffer,
+        reflectance_offset=args.reflectance_offset,
         region_wkt=parse_region(args.region, args.bbox), crs=args.crs, resolution=args.resolution,
         bands=tuple(b.strip() for b in args.bands.split(",")) if args.bands else None,
         tile_size=args.tile_size, halo=args.halo, precision=args.precision, max_tiles=args.max_tiles,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from geoseg.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
+COMPOSITES = ("first", "latest", "least-cloudy", "median")  # composite.py says what each does
+CLOUD_MASKS = ("auto", "scl", "model", "none")
 DEVICES = ("cuda", "cpu")
 MAX_TILES = 10_000_000  # default --max-tiles: ~10^13 px of 1024 px tiles, far above any sane run
 
@@ -52,7 +54,8 @@ class RunConfig:
     """What the user asked for; normalised once at the boundary (CLI or job script)."""
 
     scenes: tuple[str, ...]
-    """Scene GeoTIFFs, local paths or s3:// URLs; where scenes overlap, the first listed wins."""
+    """Scene GeoTIFFs, local paths or s3:// URLs (or none, with ``stac``); how overlapping scenes combine is
+    ``composite``'s (by default the first listed wins)."""
     out: str
     """RUN_DIR: local folder or URL that receives plan, ledger, stores and outputs."""
     model: str | None = None
@@ -78,9 +81,39 @@ class RunConfig:
     max_tiles: int = MAX_TILES
     """Most tiles a plan may have: a typo in --resolution or the region should fail at planning, not after
     hours; raise it for a truly larger map."""
+    stac: str | None = None
+    """A STAC API or static catalogue/collection URL to find the items (dates) over the region in."""
+    collection: str | None = None
+    """The catalogue's collection to take items from (None: any)."""
+    datetime: str | None = None
+    """Time window START/END (ISO dates, '..' open) of the catalogue items."""
+    max_cloud: float | None = None
+    """Skip catalogue items whose ``eo:cloud_cover`` is above this percentage."""
+    composite: str = "first"
+    """How items (dates) that see one pixel combine: first, latest, least-cloudy or median (``composite.py``)."""
+    cloud_mask: str = "auto"
+    """Cloud and shadow masks: the item's SCL band (``scl``), the cloud model (``model``), none, or ``auto``:
+    SCL where an item has it, else the model for catalogue items and none for --scenes files."""
+    cloud_buffer: float = 100.0
+    """Metres by which cloud and shadow masks grow: the hazy rim around a cloud, brighter than the ground but
+    not flagged, would otherwise be composited as clear."""
+    reflectance_offset: float | None = None
+    """For --scenes files: what their values add to reflectance x 10000 (1000 for Sentinel-2 baseline 04.00
+    and later, 0 before); None: read it from the files' band offset and scale, else take the model card's."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.scenes), "no scenes given: pass --scenes FILE [FILE ...]")
+        _require(bool(self.scenes) != bool(self.stac),
+                 "give the scenes with --scenes FILE [FILE ...] or a catalogue with --stac URL (one of the two)")
+        _require(not self.stac or self.region_wkt is not None,
+                 "--stac needs the area to map: pass --region REGION.geojson or --bbox W,S,E,N")
+        _require(self.composite in COMPOSITES,
+                 f"--composite must be one of {', '.join(COMPOSITES)}, got {self.composite!r}")
+        _require(self.cloud_mask in CLOUD_MASKS,
+                 f"--cloud-mask must be one of {', '.join(CLOUD_MASKS)}, got {self.cloud_mask!r}")
+        _require(math.isfinite(self.cloud_buffer) and self.cloud_buffer >= 0,
+                 f"--cloud-buffer must be 0 or more metres, got {self.cloud_buffer}")
+        _require(self.max_cloud is None or 0 <= self.max_cloud <= 100,
+                 f"--max-cloud must be a percentage 0..100, got {self.max_cloud}")
         _require(bool(self.out), "no RUN_DIR given: pass --out RUN_DIR")
         _positive(self.resolution, "--resolution", " (metres)")
         _positive(self.tile_size, "--tile-size", " (pixels)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -23,13 +24,50 @@ PLAN_FILE = "plan.json"
 
 
 @dataclass(frozen=True)
-class SceneUse:
-    """A scene as the run uses it: which bands feed the model and where it lies on the grid."""
+class Source:
+    """One file of an item and the model bands it holds: a multi-band scene holds them all, a catalogue item's
+    per-band asset one each (at its own resolution: the reader resamples it onto the grid)."""
 
     scene: Scene
     bands: tuple[int, ...]
-    grid_bounds: tuple[float, float, float, float]
+    """1-based band indexes in the file ..."""
+    slots: tuple[int, ...]
+    """... and the positions in the model's band order they fill."""
     aligned: bool
+    """Same CRS and pixel lattice as the grid: read as stored, without the warper."""
+
+
+MASK_KINDS = ("scl", "geoseg")
+"""A mask source's codes: Sentinel-2's Scene Classification (SCL), or geoseg's own (``clouds.py``)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One observation of the ground (a date): the files holding the model's bands, what is known of it, and
+    how its values convert to the model card's reflectance convention."""
+
+    id: str
+    sources: tuple[Source, ...]
+    grid_bounds: tuple[float, float, float, float]
+    """Its footprint's box on the grid's CRS: the tiles it may touch."""
+    datetime: str | None = None
+    """ISO 8601 acquisition time (catalogue items); None for files given by --scenes (their order rules)."""
+    cloud_cover: float | None = None
+    """The item's cloud cover in percent as its catalogue states it: ``least-cloudy`` ranks dates by it."""
+    offset: float = 0.0
+    """Added to every valid raw value: converts the item's reflectance convention to the card's (e.g. +1000
+    for a scene before Sentinel-2 processing baseline 04.00, read by a model trained on offset data)."""
+    mask: Source | None = None
+    """Its cloud and shadow mask (one band), if any ..."""
+    mask_kind: str | None = None
+    """... and the codes it holds, one of :data:`MASK_KINDS`."""
+    href: str | None = None
+    """Where the item came from (its STAC item's URL), for the report."""
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every file the item reads."""
+        return tuple(s.scene.url for s in (*self.sources, *((self.mask,) if self.mask else ())))
 
 
 @dataclass(frozen=True)
@@ -41,7 +79,12 @@ class RunPlan:
     """Shipped model name, absolute checkpoint path or URL: every node resolves it the same way."""
     model_name: str
     model_version: str
-    scenes: tuple[SceneUse, ...]
+    items: tuple[Item, ...]
+    """What is read, in the order the composite rule takes it (``composite.order``)."""
+    composite: str
+    """How items that see the same pixel are combined: one of ``composite.RULES``."""
+    mask_buffer_m: float
+    """How far cloud and shadow masks grow, in metres (hazy rims around clouds are not clear ground)."""
     grid: Grid
     tiles: npt.NDArray[np.int32] = field(compare=False)
     region_wkt: str | None
@@ -70,16 +113,9 @@ class RunPlan:
             model=d["model"],
             model_name=d["model_name"],
             model_version=d["model_version"],
-            scenes=tuple(
-                SceneUse(
-                    scene=Scene(**{**s["scene"], "transform": tuple(s["scene"]["transform"]),
-                                   "band_names": tuple(s["scene"]["band_names"])}),
-                    bands=tuple(s["bands"]),
-                    grid_bounds=tuple(s["grid_bounds"]),
-                    aligned=s["aligned"],
-                )
-                for s in d["scenes"]
-            ),
+            items=tuple(_item(i) for i in d["items"]) if "items" in d else tuple(_old_item(u) for u in d["scenes"]),
+            composite=d.get("composite", "first"),
+            mask_buffer_m=d.get("mask_buffer_m", 0.0),
             grid=Grid(**d["grid"]),
             tiles=np.column_stack([d["tiles"]["row"], d["tiles"]["col"]]).astype(np.int32).reshape(-1, 2),
             region_wkt=d["region_wkt"],
@@ -91,6 +127,26 @@ class RunPlan:
     def same_work(self, other: RunPlan) -> bool:
         """Whether two plans would produce the same outputs (run ids aside)."""
         return replace(self, run_id="") == replace(other, run_id="") and np.array_equal(self.tiles, other.tiles)
+
+
+def _scene(d: dict[str, Any]) -> Scene:
+    return Scene(**{**d, "transform": tuple(d["transform"]), "band_names": tuple(d["band_names"])})
+
+
+def _source(d: dict[str, Any]) -> Source:
+    return Source(_scene(d["scene"]), tuple(d["bands"]), tuple(d["slots"]), d["aligned"])
+
+
+def _item(d: dict[str, Any]) -> Item:
+    return Item(**{**d, "sources": tuple(_source(s) for s in d["sources"]), "grid_bounds": tuple(d["grid_bounds"]),
+                   "mask": _source(d["mask"]) if d["mask"] else None})
+
+
+def _old_item(d: dict[str, Any]) -> Item:
+    """A scene of a plan written before items (one multi-band file each, first listed wins), as an item."""
+    scene = _scene(d["scene"])
+    source = Source(scene, tuple(d["bands"]), tuple(range(len(d["bands"]))), d["aligned"])
+    return Item(scene.url.rsplit("/", 1)[-1], (source,), tuple(d["grid_bounds"]))
 
 
 def save_plan(run_dir: str, plan: RunPlan) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import NoReturn
@@ -24,12 +24,13 @@ from shapely.geometry.base import BaseGeometry
 from shapely.ops import transform as shapely_transform
 from shapely.ops import unary_union
 
+from geoseg.composite import order
 from geoseg.config import RunConfig, default_tile_size
 from geoseg.errors import ConfigError, RegionError, SceneError
 from geoseg.grid import Grid, snap_grid, tiles_covering, utm_epsg
 from geoseg.model import SHIPPED
 from geoseg.model.card import ModelCard
-from geoseg.plan import RunPlan, SceneUse, touches
+from geoseg.plan import Item, RunPlan, Source, touches
 from geoseg.scenes import Scene, band_indexes, open_scene
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,9 @@ def default_model(scene: Scene) -> str:
     )
 
 
-def check_scene(scene: Scene, card: ModelCard) -> tuple[int, ...]:
-    """The contract check: the scene's pixel type and bands must fit the model card."""
+def check_scene(scene: Scene, card: ModelCard, bands: bool = True) -> tuple[int, ...]:
+    """The contract check: the scene's pixel type (and, with ``bands``, its bands) must fit the model card;
+    the 1-based indexes of the card's bands in it."""
     if scene.dtype.startswith("float"):
         top = int(np.iinfo(card.input_dtype).max)
         raise SceneError(
@@ -72,7 +74,59 @@ def check_scene(scene: Scene, card: ModelCard) -> tuple[int, ...]:
             f"scene {scene.url} is {scene.dtype} but model {card.name!r} expects {card.input_dtype} "
             f"({', '.join(card.bands)}): choose a model for this imagery with --model"
         )
-    return band_indexes(scene, card.bands)
+    return band_indexes(scene, card.bands) if bands else ()
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """An item before the grid exists: its band files and what is known of it."""
+
+    id: str
+    files: tuple[tuple[Scene, tuple[int, ...], tuple[int, ...]], ...]  # (scene, bands, slots)
+    datetime: str | None = None
+    cloud_cover: float | None = None
+    data_offset: float | None = None
+    scl: Scene | None = None
+    href: str | None = None
+
+
+def _scene_drafts(config: RunConfig) -> tuple[str, ModelCard, list[_Draft]]:
+    """--scenes: each file one item holding every band."""
+    from geoseg.model.checkpoint import load_card  # torch: only when a plan is made
+
+    scenes = [open_scene(url, config.bands) for url in config.scenes]
+    model = resolve_model(config.model) if config.model else default_model(scenes[0])
+    card = load_card(model)
+    drafts = []
+    for s in scenes:
+        bands = check_scene(s, card)
+        offset = s.data_offset if config.reflectance_offset is None else config.reflectance_offset
+        drafts.append(_Draft(s.url.rsplit("/", 1)[-1], ((s, bands, tuple(range(len(bands)))),), data_offset=offset))
+    return model, card, drafts
+
+
+def _catalogue_drafts(config: RunConfig, region: BaseGeometry) -> tuple[str, ModelCard, list[_Draft]]:
+    """--stac: the catalogue's items over the region and window, each band found among their assets."""
+    from geoseg.catalog import find_items
+    from geoseg.model.checkpoint import load_card
+
+    model = resolve_model(config.model or "sentinel2-lulc")
+    card = load_card(model)
+    drafts = []
+    for found in find_items(str(config.stac), region, card.bands, config.collection, config.datetime,
+                            config.max_cloud):
+        for f in found.files:
+            check_scene(f.scene, card, bands=False)
+        drafts.append(_Draft(found.id, tuple((f.scene, f.bands, f.slots) for f in found.files), found.datetime,
+                             found.cloud_cover, found.data_offset, found.scl, found.href))
+    return model, card, drafts
+
+
+def _offset(card: ModelCard, data_offset: float | None) -> float:
+    """What to add to an item's raw values to reach the card's reflectance convention (0: read as it is)."""
+    if card.reflectance_offset is None or data_offset is None:
+        return 0.0
+    return card.reflectance_offset - data_offset
 
 
 @lru_cache(maxsize=256)
@@ -121,19 +175,18 @@ def _is_aligned(scene: Scene, grid: Grid) -> bool:
 
 
 def make_plan(config: RunConfig, use_gpu: bool = False) -> RunPlan:
-    """Open every scene, check it against the model card, and lay the grid and tiles.
+    """Find the items (files given, or a catalogue's), check them against the model card, lay the grid and tiles.
 
-    Reads only scene headers: no pixels. Fails fast with a named error on anything no tile could use.
+    Reads only headers: no pixels. Fails fast with a named error on anything no tile could use.
     ``use_gpu`` only picks the default precision (bf16 on GPU actors, fp32 on CPU ones).
     """
-    from geoseg.model.checkpoint import load_card  # torch: only when a plan is made
-
-    scenes = [open_scene(url, config.bands) for url in config.scenes]
-    model = resolve_model(config.model) if config.model else default_model(scenes[0])
-    card = load_card(model)
-    band_map = [check_scene(s, card) for s in scenes]
-
     region = shapely_wkt.loads(config.region_wkt) if config.region_wkt else None
+    if config.stac:
+        assert region is not None  # RunConfig requires a region with --stac
+        model, card, drafts = _catalogue_drafts(config, region)
+    else:
+        model, card, drafts = _scene_drafts(config)
+    scenes = [f[0] for d in drafts for f in d.files]
     if config.crs:
         crs = parse_crs(config.crs)
         if not crs.is_projected:
@@ -144,7 +197,7 @@ def make_plan(config: RunConfig, use_gpu: bool = False) -> RunPlan:
         lon = (centre.x + 180.0) % 360.0 - 180.0  # a region across the antimeridian is given past 180°
         crs_text = ProjCRS.from_epsg(utm_epsg(lon, centre.y)).to_wkt()
 
-    footprints = [_footprint(s, crs_text) for s in scenes]
+    footprints = [_footprint(d.files[0][0], crs_text) for d in drafts]
     area = unary_union(footprints)
     if region is not None:
         area = area.intersection(region_in(region, crs_text))
@@ -168,6 +221,42 @@ def make_plan(config: RunConfig, use_gpu: bool = False) -> RunPlan:
     if len(tiles) > config.max_tiles:
         _too_many_tiles(f"{len(tiles):,}", config.max_tiles)
 
+    warnings = _resolution_warnings(config, card, scenes, resolutions, res)
+    items = [_item(d, fp, grid, card, config) for d, fp in zip(drafts, footprints, strict=True)]
+    items = [items[k] for k in order(items, config.composite)]
+    return RunPlan(
+        run_id=uuid.uuid4().hex[:12],
+        model=model,
+        model_name=card.name,
+        model_version=card.version,
+        items=tuple(items),
+        composite=config.composite,
+        mask_buffer_m=config.cloud_buffer,
+        grid=grid,
+        tiles=tiles,
+        region_wkt=config.region_wkt,
+        precision=config.precision or ("bf16" if use_gpu else "fp32"),
+        vectorise=config.vectorise,
+        warnings=tuple(warnings),
+    )
+
+
+def _item(draft: _Draft, footprint: BaseGeometry, grid: Grid, card: ModelCard, config: RunConfig) -> Item:
+    """A draft on the grid: its files as sources, its conversion to the card's convention, its mask."""
+    sources = tuple(Source(s, b, slots, _is_aligned(s, grid)) for s, b, slots in draft.files)
+    use_scl = draft.scl is not None and config.cloud_mask in ("auto", "scl")
+    if config.cloud_mask == "scl" and draft.scl is None:
+        raise ConfigError(f"--cloud-mask scl: item {draft.id} has no SCL band; use --cloud-mask auto (the cloud "
+                          "model where there is none) or none")
+    mask = Source(draft.scl, (1,), (), _is_aligned(draft.scl, grid)) if use_scl and draft.scl else None
+    return Item(id=draft.id, sources=sources, grid_bounds=_bounds(footprint), datetime=draft.datetime,
+                cloud_cover=draft.cloud_cover, offset=_offset(card, draft.data_offset), mask=mask,
+                mask_kind="scl" if mask else None, href=draft.href)
+
+
+def _resolution_warnings(config: RunConfig, card: ModelCard, scenes: list[Scene], resolutions: list[float],
+                         res: float) -> list[str]:
+    """Warnings for an output grid, or scenes, far finer or coarser than the scenes or the model."""
     warnings = []
     if config.resolution is not None:
         finest_res, far = min(resolutions), RESOLUTION_WARN_FACTOR
@@ -185,23 +274,7 @@ def make_plan(config: RunConfig, use_gpu: bool = False) -> RunPlan:
                    f"{card.gsd_m:g} m model {card.name!r} was trained for: expect weaker predictions")
             log.warning(msg)
             warnings.append(msg)
-    uses = tuple(
-        SceneUse(scene=s, bands=b, grid_bounds=_bounds(fp), aligned=_is_aligned(s, grid))
-        for s, b, fp in zip(scenes, band_map, footprints, strict=True)
-    )
-    return RunPlan(
-        run_id=uuid.uuid4().hex[:12],
-        model=model,
-        model_name=card.name,
-        model_version=card.version,
-        scenes=uses,
-        grid=grid,
-        tiles=tiles,
-        region_wkt=config.region_wkt,
-        precision=config.precision or ("bf16" if use_gpu else "fp32"),
-        vectorise=config.vectorise,
-        warnings=tuple(warnings),
-    )
+    return warnings
 
 
 def _too_many_tiles(count: str, limit: int) -> NoReturn:
@@ -236,32 +309,48 @@ def _east_of_0(x: float, y: float, z: float | None = None) -> tuple[float, ...]:
     return np.mod(x, 360.0), y
 
 
+DESCRIBE_TILES = 50  # tiles whose items --dry-run lists one by one
+
+
 def describe(plan: RunPlan) -> str:
-    """A human summary of the plan, what ``--dry-run`` prints."""
+    """A human summary of the plan, what ``--dry-run`` prints: the grid, the items in the composite rule's
+    order, and the items each tile reads (the first ``DESCRIBE_TILES`` tiles)."""
     g = plan.grid
     crs = parse_crs(g.crs)
     name = f"EPSG:{crs.to_epsg()}" if crs.to_epsg() else crs.name
-    per_tile = _scenes_per_tile(plan)
+    per_tile = _items_per_tile(plan)
+    counts = per_tile.sum(axis=1)
     lines = [
         f"model     {plan.model_name} {plan.model_version} ({plan.model})",
         f"grid      {name}, {g.res:g} m pixels, {g.width} x {g.height} px, origin ({g.left:.2f}, {g.top:.2f})",
         f"tiles     {plan.tile_count} of {g.tile_size} px + {g.halo} px halo (input {g.input_size} px), "
         f"{g.tile_rows} x {g.tile_cols} tile grid",
         f"area      {plan.tile_count * (g.tile_size * g.res) ** 2 / 1e6:.3f} km2 covered by tiles",
-        f"scenes    {len(plan.scenes)}; scenes per tile: min {per_tile.min()}, mean {per_tile.mean():.2f}, "
-        f"max {per_tile.max()}",
+        f"items     {len(plan.items)}, composite {plan.composite}; items per tile: min {counts.min()}, "
+        f"mean {counts.mean():.2f}, max {counts.max()}",
     ]
-    lines += [f"  {u.scene.url}  bands {u.bands}  {'aligned' if u.aligned else 'reprojected'}" for u in plan.scenes]
+    for k, item in enumerate(plan.items, 1):
+        when = f"  {item.datetime}" if item.datetime else ""
+        cloud = f"  cloud {item.cloud_cover:g} %" if item.cloud_cover is not None else ""
+        offset = f"  offset {item.offset:+g}" if item.offset else ""
+        mask = f"  mask {item.mask_kind}" if item.mask_kind else ""
+        lines.append(f"  {k:>3} {item.id}{when}{cloud}{offset}{mask}")
+        lines += [f"        {s.scene.url}  bands {s.bands}  {'aligned' if s.aligned else 'reprojected'}"
+                  for s in item.sources]
+    for t in range(min(plan.tile_count, DESCRIBE_TILES)):
+        row, col = (int(v) for v in plan.tiles[t])
+        ids = [plan.items[k].id for k in np.flatnonzero(per_tile[t])]
+        lines.append(f"tile {t:>5} ({row}, {col})  {' '.join(ids) or 'no item'}")
+    if plan.tile_count > DESCRIBE_TILES:
+        lines.append(f"tile  ... {plan.tile_count - DESCRIBE_TILES} more")
     lines += [f"warning   {w}" for w in plan.warnings]
     return "\n".join(lines)
 
 
-def _scenes_per_tile(plan: RunPlan) -> npt.NDArray[np.int64]:
-    """How many scenes' footprint boxes touch each tile's input square."""
+def _items_per_tile(plan: RunPlan) -> npt.NDArray[np.bool_]:
+    """Whether each item's footprint box touches each tile's input square: (tiles, items)."""
     boxes = plan.grid.input_boxes(plan.tiles)
-    counts = np.zeros(plan.tile_count, np.int64)
-    for u in plan.scenes:
-        counts += touches(boxes, u.grid_bounds)
-    return counts
-
-
+    out = np.zeros((plan.tile_count, len(plan.items)), bool)
+    for k, item in enumerate(plan.items):
+        out[:, k] = touches(boxes, item.grid_bounds)
+    return out

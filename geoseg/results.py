@@ -104,6 +104,23 @@ class Outputs:
     polygons: str
     tiles_store: str
     predictions_store: str
+    provenance: str | None = None
+    """``provenance.tif``: where each pixel came from (``composite.py``); None in reports made before it."""
+
+
+@dataclass(frozen=True)
+class ItemUsed:
+    """An item (date) the run read, in the composite rule's order: provenance value k is item k - 1 here."""
+
+    id: str
+    datetime: str | None
+    cloud_cover: float | None
+    offset: float
+    """What was added to its raw values to reach the model card's reflectance convention."""
+    mask: str | None
+    """Its cloud and shadow mask: "scl", "geoseg" (the cloud model), or None."""
+    href: str | None
+    files: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -132,6 +149,10 @@ class RunReport:
     """None when the run stopped before writing them (``error`` says why)."""
     error: str | None = None
     """Why the run stopped before its outputs (an ``ExecutionError``); None for a run that finished."""
+    composite: str = "first"
+    """How the items were combined (``composite.py``)."""
+    items: tuple[ItemUsed, ...] = ()
+    """The items read, in the composite rule's order."""
 
     @property
     def complete(self) -> bool:
@@ -151,4 +172,5 @@ class RunReport:
             "failed_tiles": tuple(TileOutcome(**t) for t in d["failed_tiles"]),
             "execution": Execution(**d["execution"]) if d["execution"] else None,
             "warnings": tuple(d["warnings"]),
+            "items": tuple(ItemUsed(**{**i, "files": tuple(i["files"])}) for i in d.get("items", ())),
         })

@@ -54,7 +54,17 @@ from geoseg.model.checkpoint import load_card
 from geoseg.mosaic import MosaicResult, mosaic, output_bytes
 from geoseg.plan import RunPlan, load_plan, save_plan
 from geoseg.planner import make_plan, region_in
-from geoseg.results import Execution, ModelUsed, Outputs, RunReport, RunStatus, TileError, TileOutcome
+from geoseg.provenance import write_provenance
+from geoseg.results import (
+    Execution,
+    ItemUsed,
+    ModelUsed,
+    Outputs,
+    RunReport,
+    RunStatus,
+    TileError,
+    TileOutcome,
+)
 from geoseg.scenes import check_unchanged
 from geoseg.tile import TileJob, run_tiles
 from geoseg.vectorise import vectorise
@@ -139,10 +149,12 @@ def rerun(run_dir: str, execution: ExecutionSettings, observer: Observer | None 
 def _check_scenes(plan: RunPlan) -> None:
     """Every scene's header against the plan's, before any tile runs: a scene whose grid, bands or dtype changed is
     refused (``SceneChangedError``); one repaired in place is re-read by the tiles still to do."""
-    for use in plan.scenes:
-        if check_unchanged(use.scene):
-            log.warning("scene %s changed since the run was planned, with the same grid, bands and dtype: the tiles "
-                        "still to do read it as it is now", use.scene.url)
+    for item in plan.items:
+        checked = (*item.sources, *((item.mask,) if item.mask and item.mask_kind == "scl" else ()))
+        for source in checked:
+            if check_unchanged(source.scene):
+                log.warning("scene %s changed since the run was planned, with the same grid, bands and dtype: the "
+                            "tiles still to do read it as it is now", source.scene.url)
 
 
 def status(run_dir: str) -> RunStatus:
@@ -206,7 +218,10 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     lease.check()  # outputs are published only by the driver that still holds RUN_DIR
     _check_space(run_dir, plan)
     tags = {"GEOSEG_RUN_ID": plan.run_id, "GEOSEG_MODEL": f"{plan.model_name} {plan.model_version}"}
+    provenance = ray.remote(write_provenance).options(num_cpus=1, runtime_env={"env_vars": storage.task_env()}
+                                                      ).remote(run_dir, plan.grid, plan.composite, tags)
     rasters = mosaic(run_dir, plan.grid, card, tags)
+    provenance_file: str = ray.get(provenance)  # beside the mosaic's tasks: one COG copy of the store's raster
     t_mosaic = time.perf_counter() - t0
     observer.stage_done("mosaic")
 
@@ -239,11 +254,18 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
         execution=settings,
         warnings=warnings,
         outputs=Outputs(classes=rasters.classes, confidence=rasters.confidence, polygons=GPKG_FILE,
-                        tiles_store=store.TILES, predictions_store=store.PREDICTIONS),
+                        tiles_store=store.TILES, predictions_store=store.PREDICTIONS, provenance=provenance_file),
+        composite=plan.composite,
+        items=_items_used(plan),
     )
     lease.check()
     storage.write_bytes(storage.join(run_dir, REPORT_FILE), report.to_json().encode())
     return report
+
+
+def _items_used(plan: RunPlan) -> tuple[ItemUsed, ...]:
+    return tuple(ItemUsed(i.id, i.datetime, i.cloud_cover, i.offset, i.mask_kind, i.href,
+                          tuple(s.scene.url for s in i.sources)) for i in plan.items)
 
 
 def _report_stopped(run_dir: str, plan: RunPlan, ledger: Ledger, processed: int, seconds: float,
@@ -254,7 +276,7 @@ def _report_stopped(run_dir: str, plan: RunPlan, ledger: Ledger, processed: int,
         tiles_total=plan.tile_count, tiles_done=len(ledger.done), tiles_failed=len(ledger.failed),
         tiles_processed=processed, failed_tiles=_failed(ledger), class_area_m2={}, class_pixel_area_m2={},
         stage_s={"total": round(seconds, 3)}, tiles_per_s=None, execution=None, warnings=plan.warnings,
-        outputs=None, error=f"{type(exc).__name__}: {exc}")
+        outputs=None, error=f"{type(exc).__name__}: {exc}", composite=plan.composite, items=_items_used(plan))
     storage.write_bytes(storage.join(run_dir, REPORT_FILE), report.to_json().encode())
 
 
@@ -306,7 +328,19 @@ class _Actor:
     key: int
     shape: ActorShape
     handle: Any  # a Ray actor handle (untyped in Ray)
+    ready: Any  # the ref of its first call, __ray_ready__: resolved once its model is loaded
     in_flight: int = 0
+
+    def started(self) -> bool:
+        """Whether it got past loading its model (a death after that says nothing about whether it can start)."""
+        done, _ = ray.wait([self.ready], timeout=0)
+        if not done:
+            return False
+        try:
+            ray.get(done[0])
+        except RayError:
+            return False
+        return True
 
 
 class _Dispatcher:
@@ -325,9 +359,9 @@ class _Dispatcher:
         batches = -(-plan.tile_count // self.batch_size)
         shapes = gpu_actors(execution, batches) if self.use_gpu else cpu_actors(execution, alive_nodes())
         self.tiles_ref = ray.put(plan.tiles)
-        self.job_ref = ray.put(TileJob(run_dir, plan.run_id, uuid.uuid4().hex, plan.grid, plan.scenes,
-                                       _region_in_grid(plan), card.input_dtype, len(card.bands),
-                                       card.zero_is_nodata))
+        self.job_ref = ray.put(TileJob(run_dir, plan.run_id, uuid.uuid4().hex, plan.grid, plan.items,
+                                       plan.composite, _region_in_grid(plan), card.input_dtype, len(card.bands),
+                                       card.zero_is_nodata, round(plan.mask_buffer_m / plan.grid.res)))
         self.tile_remote = ray.remote(run_tiles).options(
             num_cpus=execution.tile_cpus, max_retries=0,
             runtime_env={"env_vars": storage.task_env()})
@@ -363,7 +397,8 @@ class _Dispatcher:
         handle = self.actor_class.options(**options).remote(
             self.plan.model, self.run_dir, self.plan.grid, self.tiles_ref, self.batch_size, self.plan.precision,
             shape.device, shape.threads)
-        self.actors[self.started] = _Actor(self.started, shape, handle)
+        ready = handle.__ray_ready__.remote()  # type: ignore[union-attr]  # Ray's stub misses actor built-ins
+        self.actors[self.started] = _Actor(self.started, shape, handle, ready)
         self.started += 1
 
     def _refresh(self) -> None:
@@ -571,10 +606,12 @@ class _Dispatcher:
         if actor.shape.node_id is not None and actor.shape.node_id not in {n.node_id for n in alive_nodes()}:
             log.warning("node %s left with inference actor %d", actor.shape.node_id, actor.key)
             return
-        self.replacements += 1
-        if self.replacements > 3 * self.initial_actors + 3:  # in a row, with no call finished between
-            raise ExecutionError(f"inference actors keep dying ({self.replacements} replaced in a row without "
-                                 f"finishing a call); last error: {exc}; "
+        # an actor that loaded its model and was then killed is a passing fault (retried within infra_retries);
+        # only deaths before that, in a row, say the actors cannot start (a bad model, too little memory)
+        self.replacements = 0 if actor.started() else self.replacements + 1
+        if self.replacements > 3 * self.initial_actors + 3:
+            raise ExecutionError(f"inference actors keep dying before they can work ({self.replacements} in a row "
+                                 f"died while starting); last error: {exc}; "
                                  "the tiles done so far are kept: fix the cause, then `geoseg rerun`") from exc
         log.warning("inference actor %d died (%s); starting a replacement", actor.key, type(exc).__name__)
         self._start(actor.shape)

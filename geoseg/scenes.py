@@ -45,6 +45,9 @@ class Scene:
     band_names: tuple[str, ...]
     alpha: int | None
     nodata: float | None
+    data_offset: float | None = None
+    """What its values add to reflectance x 10000, as its band offset and scale say (GDAL metadata: offset -0.1
+    at scale 0.0001 is +1000); None when they say nothing (offset 0, scale 1)."""
     stamp: str | None = field(default=None, compare=False)
     """The file's version when planned ("size:mtime_ns" locally, the ETag on a store; None in plans written before
     it was recorded): a rerun tells a repaired scene from an untouched one. Not compared: a repaired scene with the
@@ -97,6 +100,7 @@ def open_scene(url: str, band_names: tuple[str, ...] | None = None) -> Scene:
                 band_names=names,
                 alpha=alpha,
                 nodata=src.nodata,
+                data_offset=_data_offset(src.offsets[0], src.scales[0]),
                 stamp=storage.version(url),
             )
     except RasterioIOError as exc:
@@ -128,6 +132,14 @@ def check_unchanged(planned: Scene) -> bool:
                                 "fit the plan. Put the original scene back to finish this run, or start a new run "
                                 "with it (`geoseg run --overwrite` or another --out)")
     return planned.stamp is not None and storage.version(url) != planned.stamp
+
+
+def _data_offset(offset: float, scale: float) -> float | None:
+    """A band's offset and scale (physical = raw * scale + offset) as what raw values add to reflectance x
+    10000, or None when they are the identity (the file says nothing)."""
+    if scale in (0.0, 1.0) and offset == 0.0:
+        return None
+    return round(-offset / scale, 6) + 0.0 if scale else None
 
 
 def _band_names(src: rasterio.DatasetReader, url: str, given: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -178,14 +190,14 @@ class SceneReader:
         self.has_mask = self.src.nodata is not None or any(ci == ColorInterp.alpha for ci in self.src.colorinterp)
 
     def read(self, bands: tuple[int, ...], crs: str, transform: Affine, shape: tuple[int, int], aligned: bool,
-             zero_nodata: bool = False) -> tuple[Image, Mask]:
+             zero_nodata: bool = False, resampling: Resampling = Resampling.bilinear) -> tuple[Image, Mask]:
         """Read ``bands`` onto a target window of the run's grid: (data[B,H,W], valid[H,W]).
 
         ``aligned`` (same CRS, same pixel size, pixel edges on the grid's) reads the scene's own pixels
-        directly; otherwise GDAL's warper resamples them bilinearly. Pixels outside the scene or masked (nodata, alpha)
-        are invalid. ``zero_nodata`` (reflectance cards): in a scene with no nodata tag or alpha band, pixels zero
-        in every band are fill, not data (zero-filled edges of Sentinel-2 products), so they are invalid and the
-        warper leaves them out of its bilinear kernel.
+        directly; otherwise GDAL's warper resamples them (bilinear; ``nearest`` for class codes). Pixels outside
+        the scene or masked (nodata, alpha) are invalid. ``zero_nodata`` (reflectance cards): in a scene with no
+        nodata tag or alpha band, pixels zero in every band are fill, not data (zero-filled edges of Sentinel-2
+        products), so they are invalid and the warper leaves them out of its bilinear kernel.
         """
         zero = zero_nodata and not self.has_mask
         if aligned:
@@ -201,7 +213,7 @@ class SceneReader:
             transform=transform,
             width=width,
             height=height,
-            resampling=Resampling.bilinear,
+            resampling=resampling,
             add_alpha=not (self.has_mask or zero),
             **fill,
         ) as vrt:

@@ -5,7 +5,8 @@ dtype and ``valid`` (tile, y, x), each tile's square already including its halo,
 predicted from its own chunk alone. ``predictions.zarr`` is a georeferenced raster (``classes`` and
 ``confidence``, y, x) chunked exactly by tile core, so every tile writes one chunk and no two tiles
 write the same one. Both carry CRS and transform in their attributes; ``predictions.zarr`` also has
-``x``/``y`` coordinates and a CF ``spatial_ref`` so xarray/rioxarray open it georeferenced.
+``x``/``y`` coordinates and a CF ``spatial_ref`` so xarray/rioxarray open it georeferenced, and the
+``provenance`` raster (uint16, ``composite.py``), written by the tile readers through zarr.
 
 This module is the one place that knows the stores' layout on disk (chunk keys, codecs, fill values):
 workers write chunk files directly (:class:`Stores`) and the mosaic reads them back directly
@@ -21,6 +22,7 @@ from typing import Any, Literal
 
 import fsspec
 import numpy as np
+import numpy.typing as npt
 import zarr
 from numcodecs import Zstd
 from zarr.codecs import BytesCodec, ZstdCodec
@@ -44,6 +46,7 @@ PREDICTION_CODEC = ZstdCodec(level=0, checksum=False)  # zarr's default, written
 PREDICTION_ZSTD = Zstd(level=0)
 PredictionArray = Literal["classes", "confidence"]
 PREDICTION_ARRAYS: tuple[PredictionArray, ...] = ("classes", "confidence")
+PROVENANCE = "provenance"
 
 
 def _open(url: str, mode: Literal["r", "r+", "w"]) -> zarr.Group:
@@ -104,6 +107,11 @@ def create(run_dir: str, grid: Grid, tiles: TileIndex, bands: tuple[str, ...], d
         ref = g.create_array("spatial_ref", shape=(), dtype="int32", dimension_names=())
         ref.attrs.update({"crs_wkt": grid.crs, "spatial_ref": grid.crs,
                           "GeoTransform": " ".join(str(v) for v in (t.c, t.a, t.b, t.f, t.d, t.e))})
+    if not storage.exists(storage.join(pred_url, PROVENANCE, "zarr.json")):  # also added to runs made before it
+        _open(pred_url, "r+").create_array(
+            PROVENANCE, shape=(grid.height, grid.width), chunks=(grid.tile_size, grid.tile_size), dtype="uint16",
+            fill_value=0, dimension_names=("y", "x"), compressors=PREDICTION_CODEC,
+            attributes={"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"})
 
 
 def _prediction_key(name: str, row: int, col: int) -> str:
@@ -122,6 +130,7 @@ class Stores:
         self.image = _array(tiles, "image")
         self.valid = _array(tiles, "valid")
         self.classes = _array(pred, "classes")
+        self.provenance = _array(pred, PROVENANCE)
 
     def _chunk(self, name: Literal["image", "valid"], tile_id: int) -> str:
         """The file of a tile's chunk in tiles.zarr (zarr v3's default keys: ``c/tile/0/0...``)."""
@@ -146,6 +155,10 @@ class Stores:
         if len(tile_ids) == 1:
             return image[0][None], valid[0][None].view(np.bool_)
         return np.stack(image), np.stack(valid).view(np.bool_)
+
+    def write_provenance(self, rows: slice, cols: slice, provenance: npt.NDArray[np.uint16]) -> None:
+        """Write one tile core's provenance (exactly one chunk), from the tile reader that composited it."""
+        self.provenance[rows, cols] = provenance
 
     def write_prediction(self, rows: slice, cols: slice, classes: ClassMap, confidence: Confidence) -> None:
         """Write one tile core's class ids and confidence (exactly one chunk of each array), encoded here as
@@ -191,6 +204,12 @@ class Predictions:
             zstd.decode(raw, out=tiles[keys[path]])
         band = tiles.transpose(0, 2, 1, 3).reshape(tiles.shape[0] * ch, tiles.shape[1] * cw)
         return band[r0 - i0 * ch:r1 - i0 * ch, c0 - j0 * cw:c1 - j0 * cw]
+
+
+def read_provenance(run_dir: str, rows: tuple[int, int], cols: tuple[int, int]) -> npt.NDArray[np.uint16]:
+    """A window of the run's provenance raster (through zarr: it is read once, for ``provenance.tif``)."""
+    (r0, r1), (c0, c1) = rows, cols
+    return np.asarray(_open_array(storage.join(run_dir, PREDICTIONS), PROVENANCE)[r0:r1, c0:c1], np.uint16)
 
 
 def open_predictions(run_dir: str) -> Predictions:

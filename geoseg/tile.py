@@ -1,8 +1,10 @@
-"""The tile stage: read one tile's haloed square from every scene covering it and store it.
+"""The tile stage: read one tile's haloed square from every item (date) covering it, composite and store it.
 
-Compositing rule: scenes are taken in the order the user listed them, and each pixel takes its
-value from the first scene that has valid data there (later scenes only fill gaps). Pixels outside
-the region, or valid in no scene, are stored as invalid and come out as class 0 (no data).
+Each item is read onto the square band by band from its files (one multi-band scene, or a catalogue item's
+per-band assets at their own resolutions), converted to the model card's reflectance convention (its
+``offset``), and masked by its cloud and shadow mask where it has one. ``composite.py`` then combines the
+items by the run's rule and says where each pixel came from. Pixels outside the region, or usable in no item,
+are stored as invalid and come out as class 0 (no data).
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from affine import Affine
+from rasterio.enums import Resampling
 from rasterio.features import geometry_mask
 from shapely import wkt as shapely_wkt
 
+from geoseg.arrays import Image, Mask
+from geoseg.clouds import CLEAR, CLOUD, NODATA, SHADOW, CloudMask, scl_mask
 from geoseg.cluster import this_node
+from geoseg.composite import Observation, composite
 from geoseg.faults import process_deadline, started
 from geoseg.grid import Grid
-from geoseg.plan import SceneUse, touches
+from geoseg.plan import Item, touches
 from geoseg.results import TileError
 from geoseg.scenes import SceneReader
 from geoseg.store import Stores
@@ -31,46 +38,112 @@ class TileJob:
     run_id: str
     execution_id: str  # new for every run or rerun: scenes a worker holds open are not reused across them
     grid: Grid
-    scenes: tuple[SceneUse, ...]
+    items: tuple[Item, ...]
+    rule: str
+    """The composite rule (``composite.RULES``); ``items`` are in its order."""
     region_grid_wkt: str | None
     dtype: str
     band_count: int
     zero_nodata: bool = False
     """The card's rule: pixels zero in every band of an unmasked scene are nodata (reflectance input)."""
+    mask_buffer: int = 0
+    """Pixels by which cloud and shadow masks grow (``RunPlan.mask_buffer_m`` on the grid)."""
 
-    def scenes_for(self, row: int, col: int) -> list[SceneUse]:
-        """Scenes whose footprint box touches the tile's input square, in priority order."""
+    def items_for(self, row: int, col: int) -> list[int]:
+        """Indexes of the items whose footprint box touches the tile's input square, in the rule's order."""
         box = self.grid.input_boxes(np.array([[row, col]]))
-        return [u for u in self.scenes if touches(box, u.grid_bounds)[0]]
+        return [k for k, item in enumerate(self.items) if touches(box, item.grid_bounds)[0]]
 
 
-def composite(layers: list[tuple[np.ndarray, np.ndarray]], band_count: int, size: int, dtype: str
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """First-valid-wins composite of (data[B,H,W], valid[H,W]) layers in priority order."""
-    if len(layers) == 1 and layers[0][0].dtype == np.dtype(dtype):
-        return layers[0]  # one scene: its pixels as read (the forward pass masks the invalid ones)
-    image = np.zeros((band_count, size, size), dtype)
-    valid = np.zeros((size, size), bool)
-    for data, ok in layers:
-        take = ok & ~valid
-        np.copyto(image, data, where=take[None], casting="unsafe")
-        valid |= take
-    return image, valid
+def read_item(job: TileJob, k: int, transform: Affine, shape: tuple[int, int]) -> Observation:
+    """Item ``k`` on a tile's input square: its bands in the model's order and card's convention, usable where
+    every band has data and its mask (if any) says clear."""
+    item, g = job.items[k], job.grid
+    seen = np.ones(shape, bool)
+    sources = item.sources
+    if len(sources) == 1 and sources[0].slots == tuple(range(job.band_count)):
+        src = sources[0]
+        data, seen = open_reader(src.scene.url, job.execution_id).read(src.bands, g.crs, transform, shape,
+                                                                       src.aligned, job.zero_nodata)
+    else:
+        data = np.zeros((job.band_count, *shape), job.dtype)
+        for src in sources:
+            part, ok = open_reader(src.scene.url, job.execution_id).read(src.bands, g.crs, transform, shape,
+                                                                         src.aligned, job.zero_nodata)
+            data[list(src.slots)] = part
+            seen &= ok
+    if item.offset:
+        data = _shifted(data, seen, item.offset)
+    usable = seen
+    if item.mask is not None:
+        codes = read_mask(job, item, transform, shape)
+        seen = seen & (codes != NODATA)
+        usable = seen & (codes == CLEAR)
+    return Observation(k, data, usable, seen)
+
+
+def read_mask(job: TileJob, item: Item, transform: Affine, shape: tuple[int, int]) -> CloudMask:
+    """An item's cloud and shadow mask on a tile's input square, in geoseg's codes, with clouds and shadows
+    grown by ``job.mask_buffer`` px (hazy rims around them are not clear ground). The square is read
+    ``mask_buffer`` px wider on each side and cut back after growing, so every tile sees the same mask."""
+    assert item.mask is not None
+    b = job.mask_buffer
+    wide = (shape[0] + 2 * b, shape[1] + 2 * b)
+    codes, ok = open_reader(item.mask.scene.url, job.execution_id).read(
+        item.mask.bands, job.grid.crs, transform * Affine.translation(-b, -b), wide, item.mask.aligned,
+        resampling=Resampling.nearest)
+    codes = scl_mask(codes[0]) if item.mask_kind == "scl" else codes[0].astype(np.uint8)
+    codes[~ok] = NODATA
+    return _grow(codes, b)[b:b + shape[0], b:b + shape[1]]
+
+
+def _grow(codes: CloudMask, n: int) -> CloudMask:
+    """Clouds, then shadows, grown over clear ground by ``n`` px (a square of side 2n + 1)."""
+    if n == 0:
+        return codes
+    out = codes.copy()
+    for code in (SHADOW, CLOUD):  # cloud last: where both reach, it is cloud
+        out[_dilate(codes == code, n) & (codes == CLEAR)] = code
+    return out
+
+
+def _dilate(mask: Mask, n: int) -> Mask:
+    """Boolean dilation by a (2n + 1)-px square, one axis at a time: window sums from prefix sums."""
+    out = mask
+    for axis in (0, 1):
+        size = out.shape[axis]
+        prefix = np.cumsum(out, axis=axis, dtype=np.int32)
+        prefix = np.concatenate([np.zeros_like(np.take(prefix, [0], axis)), prefix], axis)  # prefix[k]: first k
+        ahead, behind = np.minimum(np.arange(size) + n + 1, size), np.maximum(np.arange(size) - n, 0)
+        out = np.take(prefix, ahead, axis) - np.take(prefix, behind, axis) > 0
+    return out
+
+
+def _shifted(data: Image, valid: Mask, offset: float) -> Image:
+    """Valid values plus ``offset``, kept inside the dtype and above 0; a 0 stays 0 (reflectance's fill value,
+    also in one band of a pixel whose other bands hold data, as along Sentinel-2's 20 m band edges)."""
+    top = np.iinfo(data.dtype).max if np.issubdtype(data.dtype, np.integer) else np.inf
+    shifted = np.clip(data.astype(np.float64) + offset, 1, top).astype(data.dtype)
+    return np.where(valid[None] & (data > 0), shifted, data)
 
 
 def make_tile(job: TileJob, stores: Stores, tile_id: int, row: int, col: int) -> None:
-    """Read, composite and store one tile; raises on any read or write error (the caller records it)."""
+    """Read, composite and store one tile and its provenance; raises on any read or write error (the caller
+    records it)."""
     g = job.grid
     transform = g.input_transform(row, col)
     shape = (g.input_size, g.input_size)
-    layers = [open_reader(u.scene.url, job.execution_id).read(u.bands, g.crs, transform, shape, u.aligned,
-                                                              job.zero_nodata)
-              for u in job.scenes_for(row, col)]
-    image, valid = composite(layers, job.band_count, g.input_size, job.dtype)
+    observations = [read_item(job, k, transform, shape) for k in job.items_for(row, col)]
+    image, valid, provenance = composite(observations, job.rule, job.band_count, g.input_size, job.dtype)
     if job.region_grid_wkt is not None:
-        region = shapely_wkt.loads(job.region_grid_wkt)
-        valid &= geometry_mask([region], out_shape=shape, transform=transform, invert=True)
+        inside = geometry_mask([shapely_wkt.loads(job.region_grid_wkt)], out_shape=shape, transform=transform,
+                               invert=True)
+        valid &= inside
+        provenance[~inside] = 0
     stores.write_tile(tile_id, image, valid)
+    rows, cols = g.core_window(row, col)
+    h = g.halo
+    stores.write_provenance(rows, cols, provenance[h:h + rows.stop - rows.start, h:h + cols.stop - cols.start])
 
 
 @lru_cache(maxsize=8)

@@ -8,18 +8,30 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import rasterio
-from _kill import Killer
+import torch
+from _kill import Background, Killer
 
 from geoseg import runtime
 from geoseg.config import ExecutionSettings, RunConfig
 from geoseg.errors import ExecutionError
-from geoseg.faults import DEADLINE_FIRST_S, DEADLINE_MIN_S, Deadlines, backoff_s, is_infrastructure
+from geoseg.faults import (
+    DEADLINE_FIRST_S,
+    DEADLINE_MIN_S,
+    Deadlines,
+    backoff_s,
+    is_infrastructure,
+    started_calls,
+)
+from geoseg.model.checkpoint import resolve
 from geoseg.plan import save_plan
 from geoseg.planner import make_plan
 from geoseg.results import TileError
@@ -118,3 +130,81 @@ def test_a_hung_read_is_ended_at_its_deadline_and_not_charged(tmp_path: Path, da
     shutil.copyfile(data_dir / SCENE, scene)
     assert runtime.rerun(str(out), ExecutionSettings(progress=False)).complete
     assert np.array_equal(classes(out), classes(clean))
+
+
+def test_actors_that_cannot_start_stop_the_run_with_its_ledger_and_report(tmp_path: Path, data_dir: Path,
+                                                                         clean: Path) -> None:
+    """The model's checkpoint is replaced after the plan is made by one whose card still reads (the driver's check
+    passes) but whose weights do not fit the network it describes: every inference actor dies loading it.
+    Deaths before an actor could work, in a row, end the run with a named error, its ledger and a report saying
+    why (killed working actors do not count: see the kill tests); repaired, the rerun equals a clean run."""
+    model = tmp_path / "model.pt"
+    shutil.copyfile(resolve("sentinel2-lulc"), model)
+    out = tmp_path / "run"
+    plan = make_plan(replace(config(data_dir, out), model=str(model)))
+    out.mkdir()
+    save_plan(str(out), plan)
+    good = model.read_bytes()
+    raw = torch.load(model, weights_only=True)
+    raw["card"] = json.dumps({**json.loads(raw["card"]), "width": 8})  # a narrower network than the weights
+    torch.save(raw, model)
+    with pytest.raises(ExecutionError, match="keep dying before they can work"):
+        runtime.execute(str(out), plan, ExecutionSettings(progress=False))
+    report = json.loads((out / "report.json").read_text())
+    assert "keep dying" in report["error"] and report["outputs"] is None and (out / "ledger.json").exists()
+    model.write_bytes(good)
+    assert runtime.rerun(str(out), ExecutionSettings(progress=False)).complete
+    assert np.array_equal(classes(out), classes(clean))
+
+
+class Freezer(Background):
+    """Freezes (SIGSTOP), by process id, the first worker that records a call running ``marker`` (its start
+    record, ``faults.started_calls``): a process that runs no alarm or watchdog. Killed by its pid at the end."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+        self.frozen: list[int] = []
+
+    def _run(self) -> None:
+        while not self.stop.is_set() and not self.frozen:
+            for record in started_calls().values():
+                try:
+                    running = self.marker in " ".join(psutil.Process(record.pid).cmdline())
+                except psutil.Error:
+                    continue
+                if running:
+                    os.kill(record.pid, signal.SIGSTOP)
+                    self.frozen.append(record.pid)
+                    break
+            time.sleep(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            for pid in self.frozen:
+                if psutil.pid_exists(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("marker", ["run_tiles", "Predictor"])
+def test_a_frozen_worker_is_ended_by_the_drivers_backstop_and_not_charged(
+        marker: str, tmp_path: Path, data_dir: Path, clean: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A worker stopped by SIGSTOP mid-call cannot end itself at its deadline (its alarm or watchdog never
+    runs): the driver cancels the reader by force, or kills the actor, once the call's start record is older
+    than its deadline plus the grace; its tiles are retried, none charged, and the map is the clean one."""
+    monkeypatch.setattr(runtime, "BACKSTOP_GRACE_S", 5.0)
+    monkeypatch.setattr(runtime, "BACKSTOP_EVERY_S", 1.0)
+    with Freezer(marker) as freezer:
+        report = runtime.run(config(data_dir, tmp_path / "run"),
+                             ExecutionSettings(max_attempts=1, deadline_s=20.0, progress=False))
+        still_there = [pid for pid in freezer.frozen if psutil.pid_exists(pid)
+                       and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert freezer.frozen, f"no {marker} worker was frozen while the run was going"
+    assert not still_there, "the frozen worker was still there when the run ended"
+    assert "overran its deadline" in caplog.text and "did not end" in caplog.text  # the backstop ended it
+    assert report.complete and report.execution is not None and report.execution.infra_retries >= 1
+    assert report.execution.tile_attempts_failed == 0
+    assert np.array_equal(classes(tmp_path / "run"), classes(clean))

@@ -49,7 +49,7 @@ def test_open_scene_records_the_files_version_and_plans_keep_it(tmp_path: Path, 
     assert scene.stamp == f"{st.st_size}:{st.st_mtime_ns}"
     plan = make_plan(RunConfig(scenes=(str(path),), out=str(tmp_path / "run")))
     save_plan(str(tmp_path / "run"), plan)
-    assert load_plan(str(tmp_path / "run")).scenes[0].scene.stamp == scene.stamp
+    assert load_plan(str(tmp_path / "run")).items[0].sources[0].scene.stamp == scene.stamp
     assert not check_unchanged(scene)  # untouched
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: a new version, the same grid
     assert check_unchanged(scene)
@@ -58,14 +58,16 @@ def test_open_scene_records_the_files_version_and_plans_keep_it(tmp_path: Path, 
 def test_plans_written_before_the_fingerprint_still_load(tmp_path: Path, data_dir: Path) -> None:
     path = scene_copy(data_dir, tmp_path / "s2.tif")
     plan = make_plan(RunConfig(scenes=(str(path),), out=str(tmp_path / "run")))
-    old = json.loads(plan.to_json())
-    for use in old["scenes"]:
-        del use["scene"]["stamp"]
+    old = json.loads(plan.to_json())  # as plans were written before fingerprints and items
+    old["scenes"] = [{"scene": {k: v for k, v in i["sources"][0]["scene"].items() if k not in ("stamp", "data_offset")},
+                      "bands": i["sources"][0]["bands"], "grid_bounds": i["grid_bounds"],
+                      "aligned": i["sources"][0]["aligned"]} for i in old.pop("items")]
+    del old["composite"]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "plan.json").write_text(json.dumps(old))
     loaded = load_plan(str(tmp_path / "run"))
-    assert loaded.scenes[0].scene.stamp is None and loaded.same_work(plan)
-    assert not check_unchanged(loaded.scenes[0].scene)  # no version recorded: only the grid is checked
+    assert loaded.items[0].sources[0].scene.stamp is None and loaded.same_work(plan)
+    assert not check_unchanged(loaded.items[0].sources[0].scene)  # no version recorded: only the grid is checked
 
 
 def test_a_repaired_scene_with_the_same_grid_is_accepted(tmp_path: Path, data_dir: Path) -> None:

@@ -53,7 +53,7 @@ def test_rotated_and_sheared_scenes_are_warped_whole(tmp_path: Path, write_raste
     transform = Affine(2, 0, 500000, 0, -2, 5650000) * skew
     path = write_raster(tmp_path / "skewed.tif", data, transform=transform)
     plan = make_plan(RunConfig(scenes=(str(path),), out="unused", model="aerial-rgb"))
-    g, use = plan.grid, plan.scenes[0]
+    g, use = plan.grid, plan.items[0].sources[0]
     assert not use.aligned
     corners = [transform * xy for xy in ((0, 0), (60, 0), (60, 60), (0, 60))]
     xs, ys = zip(*corners, strict=True)
@@ -86,7 +86,7 @@ def test_zero_filled_sentinel2_edges_are_nodata(tmp_path: Path, data_dir: Path,
     assert card.zero_is_nodata and "zero in every band" in card.nodata_rule
     assert not load_card("aerial-rgb").zero_is_nodata
     plan = make_plan(RunConfig(scenes=(str(path),), out="unused"))
-    g, use = plan.grid, plan.scenes[0]
+    g, use = plan.grid, plan.items[0].sources[0]
     assert use.aligned and use.scene.nodata is None
     reader = SceneReader(str(path))
     data, valid = reader.read(use.bands, g.crs, g.transform, (g.height, g.width), True, zero_nodata=True)

@@ -65,8 +65,8 @@ def test_concurrent_calls_run_every_forward_pass_on_one_thread(data_dir: Path, t
     for callers in (1, 2):
         run_dir = tmp_path / f"run{callers}"
         plan = make_plan(RunConfig(scenes=(str(scene),), out=str(run_dir), tile_size=128, halo=32))
-        store.create(str(run_dir), plan.grid, plan.tiles, plan.scenes[0].scene.band_names, "uint16")
-        job = TileJob(str(run_dir), plan.run_id, "test", plan.grid, plan.scenes, None, "uint16", 10)
+        store.create(str(run_dir), plan.grid, plan.tiles, plan.items[0].sources[0].scene.band_names, "uint16")
+        job = TileJob(str(run_dir), plan.run_id, "test", plan.grid, plan.items, plan.composite, None, "uint16", 10)
         stores = store.Stores(str(run_dir))
         for i, (row, col) in enumerate(plan.tiles):
             make_tile(job, stores, i, int(row), int(col))

@@ -157,6 +157,72 @@ def test_run_and_overwrite_on_a_held_run_dir_are_refused_then_run_releases(
     assert ledger["execution_id"] and ledger["execution_id"] != "held-by-child"
 
 
+TAKE = """
+import sys
+from geoseg.errors import RunDirBusyError
+from geoseg.lease import acquire
+try:
+    lease = acquire(sys.argv[1], sys.argv[2])
+except RunDirBusyError:
+    print("busy", flush=True)
+else:
+    print("won", flush=True)
+    sys.stdin.readline()
+    lease.release()
+"""
+
+
+def test_an_expired_lease_is_taken_over_by_exactly_one_of_many_drivers(tmp_path: Path) -> None:
+    """Takeover reads, judges and removes the stale lease under the folder's lock: of several drivers racing
+    for an expired lease (real processes), one holds it and every other is refused."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for _ in range(3):
+        (run_dir / LEASE_FILE).write_bytes(other_host_lease(str(run_dir), time.time() - 1))
+        procs = [subprocess.Popen([sys.executable, "-c", TAKE, str(run_dir), f"racer-{i}"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                 for i in range(6)]
+        try:
+            said = [p.stdout.readline().decode().strip() for p in procs]  # type: ignore[union-attr]
+            assert sorted(said) == ["busy"] * 5 + ["won"]
+            holder = read_holder(str(run_dir))
+            assert holder is not None and holder.execution_id == f"racer-{said.index('won')}"
+        finally:
+            for p in procs:
+                p.communicate(b"\n", timeout=30)
+        assert not (run_dir / LEASE_FILE).exists()  # the winner released it on leaving
+
+
+class TakeOverWhenTilesAreDone(runtime.Observer):
+    """Another driver takes the lease over (as after this one's renewals failed for a time to live) once the
+    first tiles are done, and keeps what ledger.json held then."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.ledger_then = run_dir, b""
+
+    def tiles_done(self, tile_ids: list[int]) -> None:
+        if not self.ledger_then:
+            self.ledger_then = (self.run_dir / LEDGER_FILE).read_bytes()
+            (self.run_dir / LEASE_FILE).write_bytes(other_host_lease(str(self.run_dir), time.time() + 3600))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_run_whose_lease_is_taken_over_stops_and_leaves_the_ledger_to_the_new_holder(
+        tmp_path: Path, data_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    plan = make_plan(RunConfig(scenes=(s2_scene(data_dir),), out=str(run_dir), tile_size=64, resolution=5.0))
+    save_plan(str(run_dir), plan)
+    lease = Lease(str(run_dir), "stalled", renew_s=0.2).acquire()
+    observer = TakeOverWhenTilesAreDone(run_dir)
+    with pytest.raises(RunDirBusyError, match="taken over by execution from-other-node"):
+        runtime.execute(str(run_dir), plan, ExecutionSettings(progress=False), observer=observer, lease=lease)
+    lease.release()
+    assert observer.ledger_then, "no tile was done before the run ended"
+    assert (run_dir / LEDGER_FILE).read_bytes() == observer.ledger_then  # the loser wrote no ledger since
+    assert not (run_dir / "report.json").exists() and not (run_dir / "classes.tif").exists()
+    assert read_holder(str(run_dir)).execution_id == "from-other-node"  # type: ignore[union-attr]
+
+
 # --- on a real SeaweedFS ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def test_sentinel2_scene_plans_on_its_own_grid(data_dir: Path) -> None:
     assert CRS.from_user_input(plan.grid.crs).to_epsg() == 32633  # UTM zone of the scene's centre
     assert (plan.grid.res, plan.grid.left, plan.grid.top, plan.grid.width, plan.grid.height) == \
         (10.0, 585420.0, 5652250.0, 401, 401)
-    assert plan.scenes[0].aligned and plan.scenes[0].bands == tuple(range(1, 11))
+    assert plan.items[0].sources[0].aligned and plan.items[0].sources[0].bands == tuple(range(1, 11))
     assert plan.tile_count == plan.grid.tile_rows * plan.grid.tile_cols
     again = RunPlan.from_json(plan.to_json())
     assert again.same_work(plan) and np.array_equal(again.tiles, plan.tiles)
@@ -41,9 +41,9 @@ def test_rgb_scenes_get_the_aerial_model_and_a_utm_grid(data_dir: Path) -> None:
     plan = make_plan(RunConfig(scenes=(naip,), out="unused"))
     assert plan.model == "aerial-rgb"
     assert CRS.from_user_input(plan.grid.crs).to_epsg() == 32614  # NAD83 scene, WGS 84 UTM grid: reprojected
-    assert not plan.scenes[0].aligned
-    assert plan.scenes[0].scene.band_names == ("red", "green", "blue", "nir")  # 8-bit 4-band convention
-    assert plan.scenes[0].bands == (1, 2, 3)
+    assert not plan.items[0].sources[0].aligned
+    assert plan.items[0].sources[0].scene.band_names == ("red", "green", "blue", "nir")  # 8-bit 4-band convention
+    assert plan.items[0].sources[0].bands == (1, 2, 3)
     drone = open_scene(str(data_dir / "scenes" / "drone_webodm_orthophoto.tif"))
     assert drone.band_names == ("red", "green", "blue", "alpha") and drone.alpha == 4
 
@@ -54,7 +54,7 @@ def test_region_and_overrides(data_dir: Path) -> None:
                                resolution=20.0, crs="EPSG:3035"))
     assert plan.grid.res == 20.0 and CRS.from_user_input(plan.grid.crs).to_epsg() == 3035
     assert plan.grid.width < 401 // 2 + 2
-    assert not plan.scenes[0].aligned
+    assert not plan.items[0].sources[0].aligned
 
 
 def test_region_outside_every_scene_is_refused(data_dir: Path) -> None:
@@ -101,7 +101,7 @@ def test_bands_that_do_not_fit_the_model_are_refused(tmp_path: Path, data_dir: P
 def test_explicit_band_names_reorder_the_scene(tmp_path: Path, write_raster: Callable[..., Path]) -> None:
     bgr = write_raster(tmp_path / "bgr.tif", np.stack([np.full((8, 8), v, np.uint8) for v in (1, 2, 3)]))
     plan = make_plan(RunConfig(scenes=(str(bgr),), out="unused", bands=("blue", "green", "red")))
-    assert plan.scenes[0].bands == (3, 2, 1)
+    assert plan.items[0].sources[0].bands == (3, 2, 1)
 
 
 def test_non_geoseg_checkpoint_is_refused(tmp_path: Path, data_dir: Path) -> None:

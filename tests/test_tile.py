@@ -1,5 +1,4 @@
-"""Compositing overlapping scenes (the first scene listed wins, later ones only fill its gaps), and how a
-worker keeps scenes open."""
+"""The tile stage's reads: how a worker keeps scenes open, and aligned reads against GDAL's warper."""
 
 from __future__ import annotations
 
@@ -19,21 +18,7 @@ from geoseg import store
 from geoseg.config import RunConfig
 from geoseg.planner import make_plan
 from geoseg.scenes import SceneReader
-from geoseg.tile import TileJob, composite, make_tile, open_reader
-
-
-def test_first_valid_scene_wins_and_later_scenes_fill_gaps() -> None:
-    a = np.full((2, 4, 4), 10, np.uint16)
-    b = np.full((2, 4, 4), 20, np.uint16)
-    va = np.zeros((4, 4), bool)
-    va[:, :2] = True
-    vb = np.zeros((4, 4), bool)
-    vb[:2, :] = True
-    image, valid = composite([(a, va), (b, vb)], 2, 4, "uint16")
-    assert (image[:, :, :2] == 10).all()
-    assert (image[:, :2, 2:] == 20).all()
-    assert (image[:, 2:, 2:] == 0).all()
-    assert np.array_equal(valid, va | vb)
+from geoseg.tile import TileJob, make_tile, open_reader
 
 
 def test_a_worker_reads_each_scene_through_one_handle_per_execution(tmp_path: Path, data_dir: Path) -> None:
@@ -44,9 +29,9 @@ def test_a_worker_reads_each_scene_through_one_handle_per_execution(tmp_path: Pa
     shutil.copyfile(original, scene)
     run_dir = str(tmp_path / "run")
     plan = make_plan(RunConfig(scenes=(str(scene),), out=run_dir, tile_size=128, halo=32))
-    store.create(run_dir, plan.grid, plan.tiles, plan.scenes[0].scene.band_names, "uint16")
+    store.create(run_dir, plan.grid, plan.tiles, plan.items[0].sources[0].scene.band_names, "uint16")
     stores = store.Stores(run_dir)
-    job = TileJob(run_dir, plan.run_id, "first", plan.grid, plan.scenes, None, "uint16", 10)
+    job = TileJob(run_dir, plan.run_id, "first", plan.grid, plan.items, plan.composite, None, "uint16", 10)
     opened = open_reader.cache_info().misses
     for i in range(3):
         make_tile(job, stores, i, *(int(v) for v in plan.tiles[i]))

@@ -15,6 +15,7 @@ from geoseg.errors import CheckpointError
 _COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
 INPUT_DTYPES = ("uint8", "uint16")
 ENCODERS = ("resnet18", "resnet34")
+OPTIONAL = {"reflectance_offset"}  # fields added since the first checkpoints: absent means the default
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class ModelCard:
     classes: tuple[ClassInfo, ...]  # logits channel k <-> classes[k]
     nodata: str  # prose: how invalid pixels are handled
     training_data: tuple[str, ...]  # names/sources of training data and their licence status
+    reflectance_offset: float | None = None
+    """Reflectance cards: the value added to reflectance x 10000 in the data the model was trained on (1000 for
+    Sentinel-2 L2A from processing baseline 04.00 on, 0 before), so every scene is converted to it; None: the
+    input is not reflectance (8-bit imagery) and is read as it is."""
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -98,7 +103,7 @@ class ModelCard:
         if not isinstance(d, dict):
             raise CheckpointError(f"a model card must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
-        missing, unknown = sorted(names - d.keys()), sorted(d.keys() - names)
+        missing, unknown = sorted(names - d.keys() - OPTIONAL), sorted(d.keys() - names)
         if missing or unknown:
             raise CheckpointError(
                 f"model card has missing fields {missing} and unknown fields {unknown}; "
@@ -124,6 +129,7 @@ class ModelCard:
                 classes=classes,
                 nodata=str(d["nodata"]),
                 training_data=tuple(str(t) for t in d["training_data"]),
+                reflectance_offset=None if d.get("reflectance_offset") is None else float(d["reflectance_offset"]),
             )
         except CheckpointError:
             raise
