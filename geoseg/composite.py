@@ -103,9 +103,12 @@ def _median(observations: Sequence[Observation], band_count: int, size: int, dty
     valid = count > 0
     if not observations:
         return np.zeros((band_count, size, size), dtype), valid, count
-    stack = np.full((len(observations), band_count, size, size), np.nan, np.float32)
+    # observations last, so each pixel's values are contiguous: the sort runs over short rows in place
+    stack = np.full((band_count, size, size, len(observations)), np.nan, np.float32)
     for k, obs in enumerate(observations):
-        np.copyto(stack[k], obs.data, where=obs.usable[None], casting="unsafe")
-    median = np.zeros((band_count, size, size), np.float32)
-    median[:, valid] = np.nanmedian(stack[:, :, valid], axis=0)
-    return np.rint(median).astype(dtype), valid, count
+        np.copyto(stack[..., k], obs.data, where=obs.usable[None], casting="unsafe")
+    stack.sort(axis=-1)  # unusable (NaN) last: each pixel's usable values come first, in order
+    low = (np.maximum(count - 1, 0) // 2)[None, :, :, None]
+    high = (count // 2)[None, :, :, None]
+    middle = (np.take_along_axis(stack, low, axis=-1) + np.take_along_axis(stack, high, axis=-1))[..., 0] / 2
+    return np.where(valid[None], np.rint(middle), 0).astype(dtype), valid, count

@@ -29,6 +29,8 @@ from geoseg.results import TileError
 from geoseg.scenes import SceneReader
 from geoseg.store import Stores
 
+OPEN_FILES = 128  # files a worker keeps open: a tile of a catalogue reads 11 per date (10 bands and SCL)
+
 
 @dataclass(frozen=True)
 class TileJob:
@@ -146,9 +148,9 @@ def make_tile(job: TileJob, stores: Stores, tile_id: int, row: int, col: int) ->
     stores.write_provenance(rows, cols, provenance[h:h + rows.stop - rows.start, h:h + cols.stop - cols.start])
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=OPEN_FILES)
 def open_reader(url: str, execution_id: str) -> SceneReader:
-    """A scene kept open by a reused worker process for the tiles of one execution: the blocks it decoded
+    """A file kept open by a reused worker process for the tiles of one execution: the blocks it decoded
     serve the neighbouring tiles too. A later run or rerun opens it afresh (a repaired scene is read anew)."""
     return SceneReader(url)
 

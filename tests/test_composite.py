@@ -60,3 +60,17 @@ def test_rules_order_items_by_date_or_cloud_cover() -> None:
     assert order(items, "least-cloudy") == [1, 0, 2]  # unknown cloud cover last
     files = [item("x"), item("y"), item("z")]  # --scenes: the order listed rules
     assert order(files, "first") == [0, 1, 2] and order(files, "latest") == [2, 1, 0]
+
+
+def test_median_equals_numpys_nanmedian_of_the_usable_values() -> None:
+    rng = np.random.default_rng(1)
+    shape = (32, 32)
+    observations = [Observation(k, rng.integers(1, 5000, (3, *shape)).astype(np.uint16), rng.random(shape) > 0.3,
+                                np.ones(shape, bool)) for k in range(5)]
+    image, valid, provenance = composite(observations, "median", 3, 32, "uint16")
+    stack = np.stack([np.where(o.usable[None], o.data, np.nan) for o in observations])
+    usable = np.stack([o.usable for o in observations]).any(axis=0)
+    expected = np.zeros((3, *shape), np.uint16)
+    expected[:, usable] = np.rint(np.nanmedian(stack[:, :, usable], axis=0))
+    assert np.array_equal(image, expected) and np.array_equal(valid, usable)
+    assert np.array_equal(provenance[usable], np.stack([o.usable for o in observations]).sum(axis=0)[usable])
