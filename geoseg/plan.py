@@ -37,6 +37,8 @@ class Source:
     """Same CRS and pixel lattice as the grid: read as stored, without the warper."""
 
 
+MASKS_DIR = "masks"
+"""Where the cloud stage writes the masks it computes, in RUN_DIR (``ITEM.tif``)."""
 MASK_KINDS = ("scl", "geoseg")
 """A mask source's codes: Sentinel-2's Scene Classification (SCL), or geoseg's own (``clouds.py``)."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import uuid
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -15,6 +16,7 @@ from typing import NoReturn
 
 import numpy as np
 import numpy.typing as npt
+from affine import Affine
 from pyproj import CRS as ProjCRS
 from pyproj import Transformer
 from rasterio.warp import calculate_default_transform
@@ -24,13 +26,14 @@ from shapely.geometry.base import BaseGeometry
 from shapely.ops import transform as shapely_transform
 from shapely.ops import unary_union
 
+from geoseg import storage
 from geoseg.composite import order
 from geoseg.config import RunConfig, default_tile_size
 from geoseg.errors import ConfigError, RegionError, SceneError
 from geoseg.grid import Grid, snap_grid, tiles_covering, utm_epsg
 from geoseg.model import SHIPPED
 from geoseg.model.card import ModelCard
-from geoseg.plan import Item, RunPlan, Source, touches
+from geoseg.plan import MASKS_DIR, Item, RunPlan, Source, touches
 from geoseg.scenes import Scene, band_indexes, open_scene
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,7 @@ class _Draft:
     data_offset: float | None = None
     scl: Scene | None = None
     href: str | None = None
+    from_catalogue: bool = False
 
 
 def _scene_drafts(config: RunConfig) -> tuple[str, ModelCard, list[_Draft]]:
@@ -118,7 +122,7 @@ def _catalogue_drafts(config: RunConfig, region: BaseGeometry) -> tuple[str, Mod
         for f in found.files:
             check_scene(f.scene, card, bands=False)
         drafts.append(_Draft(found.id, tuple((f.scene, f.bands, f.slots) for f in found.files), found.datetime,
-                             found.cloud_cover, found.data_offset, found.scl, found.href))
+                             found.cloud_cover, found.data_offset, found.scl, found.href, from_catalogue=True))
     return model, card, drafts
 
 
@@ -223,6 +227,8 @@ def make_plan(config: RunConfig, use_gpu: bool = False) -> RunPlan:
 
     warnings = _resolution_warnings(config, card, scenes, resolutions, res)
     items = [_item(d, fp, grid, card, config) for d, fp in zip(drafts, footprints, strict=True)]
+    if config.cloud_mask == "model" or config.stac and config.cloud_mask == "auto":
+        items = [_with_model_mask(i, grid, config.out, config.cloud_buffer) if i.mask is None else i for i in items]
     items = [items[k] for k in order(items, config.composite)]
     return RunPlan(
         run_id=uuid.uuid4().hex[:12],
@@ -252,6 +258,27 @@ def _item(draft: _Draft, footprint: BaseGeometry, grid: Grid, card: ModelCard, c
     return Item(id=draft.id, sources=sources, grid_bounds=_bounds(footprint), datetime=draft.datetime,
                 cloud_cover=draft.cloud_cover, offset=_offset(card, draft.data_offset), mask=mask,
                 mask_kind="scl" if mask else None, href=draft.href)
+
+
+def _with_model_mask(item: Item, grid: Grid, run_dir: str, buffer_m: float) -> Item:
+    """The item with a cloud mask the cloud stage will compute (``clouds.py``) on the run's grid, over the
+    item's footprint padded by the halo and the mask's buffer (every tile's read of it lies inside), as
+    ``RUN_DIR/masks/ITEM.tif``."""
+    pad = grid.halo + math.ceil(buffer_m / grid.res) + 1
+    left, bottom, right, top = item.grid_bounds
+    c0 = max(math.floor((left - grid.left) / grid.res), 0) - pad
+    c1 = min(math.ceil((right - grid.left) / grid.res), grid.width) + pad
+    r0 = max(math.floor((grid.top - top) / grid.res), 0) - pad
+    r1 = min(math.ceil((grid.top - bottom) / grid.res), grid.height) + pad
+    t = grid.transform * Affine.translation(c0, r0)
+    url = storage.join(run_dir, MASKS_DIR, f"{_file_name(item.id)}.tif")
+    scene = Scene(url, grid.crs, tuple(t)[:6], c1 - c0, r1 - r0, "uint8", ("mask",), None, None)
+    return replace(item, mask=Source(scene, (1,), (), True), mask_kind="geoseg")
+
+
+def _file_name(item_id: str) -> str:
+    """An item id as a file name: anything but letters, digits, '-', '_' and '.' becomes '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", item_id)
 
 
 def _resolution_warnings(config: RunConfig, card: ModelCard, scenes: list[Scene], resolutions: list[float],

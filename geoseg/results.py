@@ -140,7 +140,7 @@ class RunReport:
     class_pixel_area_m2: dict[str, float]
     """Area of each class's pixels in the class raster."""
     stage_s: dict[str, float]
-    """Seconds per stage: plan, tile_and_infer, mosaic, vectorise, total."""
+    """Seconds per stage: plan, clouds (the cloud model's masks), tile_and_infer, mosaic, vectorise, total."""
     tiles_per_s: float | None
     execution: Execution | None
     """None when no tile needed work."""

@@ -49,6 +49,7 @@ from geoseg.infer import Predictor
 from geoseg.lease import LEASE_FILE, Lease
 from geoseg.lease import acquire as acquire_lease
 from geoseg.ledger import Ledger, flush_ledger, load_ledger, save_ledger
+from geoseg.masks import make_masks
 from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import load_card
 from geoseg.mosaic import MosaicResult, mosaic, output_bytes
@@ -198,6 +199,10 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     todo = ledger.not_done()
     ledger.failed.clear()  # every tile not done is tried again
     save_ledger(run_dir, ledger)
+    t0 = time.perf_counter()
+    if todo:
+        make_masks(run_dir, plan, card)  # the cloud model's masks, for items without SCL, before their tiles
+    t_clouds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     settings: Execution | None = None
@@ -248,8 +253,9 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
         failed_tiles=_failed(ledger),
         class_area_m2=areas,
         class_pixel_area_m2={names[k]: plan.grid.area_m2(v) for k, v in sorted(rasters.counts.items())},
-        stage_s={"plan": round(plan_s, 3), "tile_and_infer": round(t_tiles, 3), "mosaic": round(t_mosaic, 3),
-                 "vectorise": round(t_vector, 3), "total": round(plan_s + time.perf_counter() - t_start, 3)},
+        stage_s={"plan": round(plan_s, 3), "clouds": round(t_clouds, 3), "tile_and_infer": round(t_tiles, 3),
+                 "mosaic": round(t_mosaic, 3), "vectorise": round(t_vector, 3),
+                 "total": round(plan_s + time.perf_counter() - t_start, 3)},
         tiles_per_s=round(len(todo) / t_tiles, 3) if todo and t_tiles > 0 else None,
         execution=settings,
         warnings=warnings,

@@ -190,3 +190,29 @@ def test_an_unreadable_asset_fails_its_tiles_and_rerun_finishes_them(tmp_path: P
     band.write_bytes(good)
     assert main(["rerun", str(out)]) == 0
     assert json.loads((out / "report.json").read_text())["tiles_done"] == report["tiles_total"]
+
+
+def test_items_without_scl_are_masked_by_the_cloud_model(tmp_path: Path, data_dir: Path, clear_map: Path) -> None:
+    """Without an SCL band the cloud stage runs ukis-csmask once per item over its whole window on the run's grid
+    (``RUN_DIR/masks/``; no tile borders in it, so no seams): it flags the painted cloud (>= 80 %, 99.9 % seen)
+    and little clear land (<= 5 %, 3.7 % seen), and the composite fills the cloud from the other date. The
+    painted shadow, a darkened copy of the land, is mostly not recognised as one (8 % seen), so the map under
+    the cloud agrees a little less with the clear date's own (0.918 seen) than with an SCL band."""
+    root = tmp_path / "stac"
+    url = make_catalogue(root, data_dir, str(root), dates=(CLOUDY, CLEAR), cloudy={CLOUDY: 0}, scl=False)
+    report = geoseg(tmp_path / "run", url, "--composite", "first")
+    assert [i["mask"] for i in report["items"]] == ["geoseg", "geoseg"] and report["stage_s"]["clouds"] > 0
+    cloud, shadow = load_truth(root, CLOUDY)
+    with rasterio.open(tmp_path / "run" / "masks" / f"{item_id(CLOUDY)}.tif") as src, \
+            rasterio.open(tmp_path / "run" / "classes.tif") as classes_tif:
+        window = src.window(*classes_tif.bounds)
+        codes = src.read(1, window=window)
+        classes = classes_tif.read(1)
+    assert codes.shape == cloud.shape
+    flagged = codes > 1  # cloud or shadow
+    assert flagged[cloud].mean() >= 0.8 and flagged[far_from(cloud | shadow)].mean() <= 0.05
+    provenance = read(tmp_path / "run" / "provenance.tif")
+    assert (provenance[cloud] == 2).mean() > 0.99  # filled from the clear date
+    clear = read(clear_map / "classes.tif")
+    under = cloud & (clear > 0)
+    assert (classes[under] == clear[under]).mean() >= 0.9
