@@ -26,6 +26,7 @@ from _clusters import (
     stop_processes_under,
     token_env,
 )
+from _stac import make_catalogue, upload
 from _weed import Weed
 
 from geoseg import storage
@@ -121,3 +122,27 @@ def test_run_on_object_store(weed: Weed, cluster: LocalCluster, data_dir: Path, 
     logs = [f for f in (cluster.root / "r" / "session_latest" / "logs").rglob("*") if f.is_file()]
     assert any(b"run_tiles" in f.read_bytes() for f in logs), "the session's logs do not cover the run"
     assert [f.name for f in logs if SECRET.encode() in f.read_bytes()] == []
+
+
+def test_a_catalogue_on_the_object_store(weed: Weed, cluster: LocalCluster, data_dir: Path,
+                                         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The test catalogue with s3:// hrefs on SeaweedFS (issue 13): walked through geoseg's storage, its per-band
+    assets and SCL read by the workers with their node's credentials, and the map equal to the same catalogue's
+    on local paths."""
+    for name, value in weed.env().items():
+        monkeypatch.setenv(name, value)
+    prefix = f"s3://{weed.bucket}/stac"
+    url = make_catalogue(tmp_path / "stac", data_dir, prefix, dates=("20220719",))
+    upload(tmp_path / "stac", prefix)
+    local = make_catalogue(tmp_path / "local", data_dir, str(tmp_path / "local"), dates=("20220719",))
+    outputs = {}
+    for name, catalogue, out in (("s3", url, "s3://geoseg/runs/stac"), ("local", local, str(tmp_path / "run"))):
+        printed = subprocess.run([str(BIN / "geoseg"), "run", "--ray-address", cluster.address, "--stac", catalogue,
+                                  "--bbox", "16.2,50.97,16.3,51.02", "--tile-size", "128", "--out", out],
+                                 env=cluster.env, capture_output=True, text=True, timeout=600)
+        assert printed.returncode == 0, printed.stdout[-3000:] + printed.stderr[-3000:]
+        with storage.gdal_env(), rasterio.open(f"{out}/classes.tif") as src:
+            outputs[name] = src.read(1)
+    report = json.loads(storage.read_bytes("s3://geoseg/runs/stac/report.json"))
+    assert report["items"][0]["files"][0].startswith(prefix) and report["items"][0]["mask"] == "scl"
+    assert np.array_equal(outputs["s3"], outputs["local"]) and (outputs["s3"] > 0).mean() > 0.9
