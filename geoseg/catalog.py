@@ -22,7 +22,7 @@ from typing import Any
 
 import pystac
 from pystac.stac_io import DefaultStacIO
-from shapely.geometry import box, shape
+from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
 from geoseg import storage
@@ -150,15 +150,20 @@ def _is_api(url: str) -> bool:
 
 
 def _search(url: str, region: BaseGeometry, collection: str | None, window: str | None) -> list[pystac.Item]:
+    """Item search, by POST where the API offers it (its landing page's search links say), else by GET."""
     from pystac_client import Client
     from pystac_client.exceptions import APIError
+    from requests import RequestException
 
+    posts = any(link.get("rel") == "search" and link.get("method") == "POST" for link in _landing(url).get("links", ()))
     try:
         search = Client.open(url).search(collections=[collection] if collection else None,
-                                         intersects=region.__geo_interface__, datetime=window, max_items=10000)
+                                         intersects=region.__geo_interface__, datetime=window, max_items=10000,
+                                         method="POST" if posts else "GET")
         return list(search.items())
-    except APIError as exc:
-        raise CatalogueError(f"the STAC API at {url} refused the search: {exc}") from exc
+    except (APIError, RequestException) as exc:
+        raise CatalogueError(f"the STAC API at {url} failed the search ({type(exc).__name__}: {exc}): check the URL "
+                             "and network access, and try again") from exc
 
 
 def _walk(url: str, collection: str | None) -> list[pystac.Item]:
@@ -246,8 +251,3 @@ def data_offset(item: pystac.Item, band_assets: Sequence[str]) -> float | None:
         except ValueError:
             pass
     return None
-
-
-def region_box(bbox: tuple[float, float, float, float]) -> BaseGeometry:
-    """A lon/lat box as a region."""
-    return box(*bbox)

@@ -15,8 +15,9 @@ from _http import serve
 from _stac import COLLECTION, item_dir, item_id, make_catalogue
 from _stac_api import serve_api
 from pystac_client import Client
+from shapely.geometry import box
 
-from geoseg.catalog import find_items, region_box
+from geoseg.catalog import find_items
 from geoseg.cli import main
 from geoseg.errors import CatalogueError
 
@@ -148,12 +149,12 @@ def test_unknown_paths_are_404_and_bad_parameters_400(api: tuple[str, Path]) -> 
 def test_geoseg_finds_the_items_through_the_api(api: tuple[str, Path]) -> None:
     """geoseg's own search (catalog.py) over several pages, with and without a collection, and none found."""
     url, bands = api[0], ("B02", "B8A", "B11")
-    assert sorted((i.id, i.href) for i in find_items(url, region_box(BBOX), bands, window="2022-06-01/2022-07-31")) \
+    assert sorted((i.id, i.href) for i in find_items(url, box(*BBOX), bands, window="2022-06-01/2022-07-31")) \
         == sorted((i, f"{url}/collections/{c}/items/{i}") for c, i in everything(*DATES))
-    found = find_items(url, region_box(BBOX), bands, collection=COLLECTION, window="2022-07-01/..")
+    found = find_items(url, box(*BBOX), bands, collection=COLLECTION, window="2022-07-01/..")
     assert [i.id for i in found] == [item_id("20220719")]
     with pytest.raises(CatalogueError, match="no item"):
-        find_items(url, region_box(BBOX), bands, collection=COLLECTION, window="2021-01-01/2021-12-31")
+        find_items(url, box(*BBOX), bands, collection=COLLECTION, window="2021-01-01/2021-12-31")
 
 
 @pytest.mark.usefixtures("ray_session")
