@@ -4,7 +4,7 @@ Issue 12, point 5, after Ray's own chaos tests. A head without CPUs and two 1-CP
 processes, token authentication on) run ``geoseg run`` with scenes and RUN_DIR on a real SeaweedFS (``weed mini``
 on 127.0.0.1). First a clean run, then the same run while:
 
-- an inference actor is killed by its pid every ``--kill-every`` seconds,
+- an inference actor at work (in a call) is killed by its pid every ``--kill-every`` seconds,
 - a tile-reader worker is killed by its pid every ``--kill-every`` seconds (offset by half),
 - once a quarter of the tiles are done, one worker node (its raylet and everything under it) is killed and
   another node is added,
@@ -107,7 +107,7 @@ class Chaos(Background):
             seen = max(seen, journal_parts(self.run_dir))
             now = time.monotonic()
             if now >= next_actor:
-                self.events["actors_killed"] += self._kill_one("Predictor")
+                self.events["actors_killed"] += self._kill_one("Predictor.__call__")  # a working actor
                 next_actor = now + self.kill_every
             if now >= next_reader:
                 self.events["readers_killed"] += self._kill_one("run_tiles")
