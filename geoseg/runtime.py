@@ -56,6 +56,7 @@ from geoseg.mosaic import MosaicResult, mosaic, output_bytes
 from geoseg.plan import RunPlan, load_plan, save_plan
 from geoseg.planner import make_plan, region_in
 from geoseg.provenance import write_provenance
+from geoseg.report import write_views
 from geoseg.results import (
     Execution,
     ItemUsed,
@@ -212,6 +213,9 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
             settings = dispatcher.run(todo)
         except ExecutionError as exc:  # the cluster or store keeps failing: say so in report.json, then stop
             _report_stopped(run_dir, plan, ledger, len(todo), plan_s + time.perf_counter() - t_start, exc)
+            if lease.lost is None:  # report.html maps the ledger: saved up to now first
+                flush_ledger(run_dir, ledger)
+                write_views(run_dir)
             raise
         finally:
             if lease.lost is None:  # a driver whose lease was taken over leaves the ledger to the new holder
@@ -266,6 +270,7 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     )
     lease.check()
     storage.write_bytes(storage.join(run_dir, REPORT_FILE), report.to_json().encode())
+    write_views(run_dir)  # report.html and quicklook.png
     return report
 
 
