@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     _execution_options(p)
     p = sub.add_parser("status", help="tiles done / failed / pending of a run")
     p.add_argument("run_dir", metavar="RUN_DIR")
+    p = sub.add_parser("report", help="write a run's report.html: maps, tile status, areas, timings, model card")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="FILE", help="where to write it (default RUN_DIR/report.html)")
     p = sub.add_parser("vectorise", help="polygonise a class raster into a GeoPackage")
     p.add_argument("classes", metavar="CLASSES.tif")
     p.add_argument("--out", required=True, metavar="OUT.gpkg")
@@ -253,6 +256,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         status = runtime.status(args.run_dir.rstrip("/"))
         print(status_text(status))
         return exit_code(status.tiles_done, status.tiles_total)
+    if args.command == "report":
+        from geoseg.report import write_report
+
+        print(write_report(args.run_dir.rstrip("/"), args.out))
+        return EXIT_OK
     if args.command == "vectorise":
         from geoseg.cluster import connect
         from geoseg.vectorise import load_legend, vectorise
