@@ -26,9 +26,14 @@ test: setup
 quick: setup
 	GEOSEG_DATA=$(DATA) $(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow"
 
+# Debian packages the tests need (CI runs as root): headless Chromium renders report.html, GDAL's tools check outputs
+system-deps:
+	@command -v chromium >/dev/null && command -v gdalinfo >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium gdal-bin; }
+
 # the gate: strict types over geoseg/, lint over everything
 lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/ruff check .
 
-.PHONY: setup demo test quick lint
+.PHONY: setup system-deps demo test quick lint
