@@ -99,7 +99,8 @@ def run_method(method: str, raster: str, out: Path, block_size: int, workdir: Pa
         areas = vectorise(raster, out, block_size=block_size)
         t2 = time.perf_counter()
         ray.shutdown()
-        return {"seconds": t2 - t1, "ray_start_s": t1 - t0, "features": pyogrio.read_info(out)["features"],
+        return {"seconds": t2 - t1, "ray_start_s": t1 - t0,
+                "features": pyogrio.read_info(out, layer="landcover")["features"],
                 "area_m2": sum(areas.values())}
     if method == "rasterio-whole":
         t0 = time.perf_counter()

@@ -9,8 +9,11 @@ The sink follows the usual lifecycle: open, write, commit, or abort on failure.
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from collections.abc import Mapping
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -27,6 +30,26 @@ Geometries = npt.NDArray[np.object_]  # shapely geometries
 # WKB, one bytes object per geometry: object arrays at run time, though shapely annotates to_wkb as bytes_
 WKB = npt.NDArray[np.object_] | npt.NDArray[np.bytes_]
 Column = npt.NDArray[Any]  # one field's values, one per geometry
+GEOMETRY_COLUMN = "geom"
+
+# QGIS's own table of layer styles, as QGIS creates it through GDAL when it saves a style into a GeoPackage
+# (QgsOgrUtils::saveStyle): QGIS applies a layer's row with useAsDefault when the layer is opened
+_LAYER_STYLES = """CREATE TABLE "layer_styles" (
+    "id" INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
+    "f_table_catalog" TEXT(256), "f_table_schema" TEXT(256), "f_table_name" TEXT(256),
+    "f_geometry_column" TEXT(256), "styleName" TEXT(30), "styleQML" TEXT, "styleSLD" TEXT,
+    "useAsDefault" BOOLEAN, "description" TEXT, "owner" TEXT(30), "ui" TEXT(30),
+    "update_time" DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"""
+
+
+@dataclass(frozen=True)
+class LayerStyle:
+    """A layer's default style for QGIS: QML (what QGIS applies) and an equivalent SLD (for other clients)."""
+
+    name: str
+    qml: str
+    sld: str
+    description: str
 
 
 class GpkgWriter:
@@ -34,7 +57,8 @@ class GpkgWriter:
 
     ``fields`` maps column name to one of ``FIELD_TYPES``; ``metadata`` lands in the GeoPackage's
     metadata table (``gpkg_metadata``), where GDAL and QGIS show it as the dataset's metadata.
-    Memory is bounded by ``batch_size`` features: the buffer is flushed whenever it reaches it.
+    Memory is bounded by ``batch_size`` features: the buffer is flushed whenever it reaches it. A ``style``
+    set before commit becomes the layer's default QGIS style.
     """
 
     def __init__(self, path: str | Path, layer: str, crs_wkt: str, fields: Mapping[str, str],
@@ -54,6 +78,7 @@ class GpkgWriter:
         self.batch_size = batch_size
         self.tmp_path = self.path.with_name(f".{self.path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.gpkg")
         self.count = 0
+        self.style: LayerStyle | None = None
         self._created = False
         self._closed = False
         self._wkb: list[npt.NDArray[np.object_]] = []
@@ -95,13 +120,15 @@ class GpkgWriter:
             self._flush()
 
     def commit(self) -> None:
-        """Write what is buffered, make sure the layer exists, sync, and rename over the target."""
+        """Write what is buffered, make sure the layer exists, add the style, sync, and rename over the target."""
         if self._closed:
             raise ConfigError("GpkgWriter already committed or aborted")
         try:
             self._flush()
             if not self._created:
                 self._append(np.empty(0, dtype=object), {k: _empty(v) for k, v in self.fields.items()})
+            if self.style is not None:
+                _write_style(self.tmp_path, self.layer, self.style)
             with open(self.tmp_path, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(self.tmp_path, self.path)
@@ -135,12 +162,25 @@ class GpkgWriter:
         kwargs: dict[str, object] = {}
         if not self._created:
             kwargs = {"dataset_metadata": self.metadata or None,
-                      "layer_options": {"SPATIAL_INDEX": "YES", "GEOMETRY_NAME": "geom"}}
+                      "layer_options": {"SPATIAL_INDEX": "YES", "GEOMETRY_NAME": GEOMETRY_COLUMN}}
         pyogrio.raw.write(str(self.tmp_path), wkb, data, names, layer=self.layer, driver="GPKG",
                           geometry_type="MultiPolygon", promote_to_multi=True, crs=self.crs_wkt,
                           append=self._created, **kwargs)
         self._created = True
         self.count += len(wkb)
+
+
+def _write_style(path: Path, layer: str, style: LayerStyle) -> None:
+    """Add QGIS's ``layer_styles`` table with ``style`` as the layer's default, registered in gpkg_contents as an
+    attributes table (as GDAL registers it for QGIS), so OGR lists it and QGIS finds it."""
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute(_LAYER_STYLES)
+        db.execute("INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, "
+                   "styleName, styleQML, styleSLD, useAsDefault, description, owner) VALUES ('', '', ?, ?, ?, ?, ?, 1, "
+                   "?, '')", (layer, GEOMETRY_COLUMN, style.name, style.qml, style.sld, style.description))
+        db.execute("INSERT INTO gpkg_contents (table_name, data_type, identifier, description, last_change, srs_id) "
+                   "VALUES ('layer_styles', 'attributes', 'layer_styles', '', "
+                   "strftime('%Y-%m-%dT%H:%M:%fZ','now'), 0)")
 
 
 def _column(values: Column, kind: str) -> Column:

@@ -4,9 +4,10 @@
 dtype and ``valid`` (tile, y, x), each tile's square already including its halo, so a tile is
 predicted from its own chunk alone. ``predictions.zarr`` is a georeferenced raster (``classes`` and
 ``confidence``, y, x) chunked exactly by tile core, so every tile writes one chunk and no two tiles
-write the same one. Both carry CRS and transform in their attributes; ``predictions.zarr`` also has
-``x``/``y`` coordinates and a CF ``spatial_ref`` so xarray/rioxarray open it georeferenced, and the
-``provenance`` raster (uint16, ``composite.py``), written by the tile readers through zarr.
+write the same one. Both carry CRS and transform in their attributes (GeoZarr's ``proj:`` convention in
+both, its ``spatial:`` one for ``predictions.zarr``'s rasters); ``predictions.zarr`` also has ``x``/``y``
+coordinates and a CF ``spatial_ref`` so xarray/rioxarray open it georeferenced, and the ``provenance`` raster
+(uint16, ``composite.py``), written by the tile readers through zarr.
 
 This module is the one place that knows the stores' layout on disk (chunk keys, codecs, fill values):
 workers write chunk files directly (:class:`Stores`) and the mosaic reads them back directly
@@ -25,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 from numcodecs import Zstd
+from pyproj import CRS
 from zarr.codecs import BytesCodec, ZstdCodec
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
@@ -47,6 +49,17 @@ PREDICTION_ZSTD = Zstd(level=0)
 PredictionArray = Literal["classes", "confidence"]
 PREDICTION_ARRAYS: tuple[PredictionArray, ...] = ("classes", "confidence")
 PROVENANCE = "provenance"
+# GeoZarr's conventions for georeferencing (zarr-conventions geo-proj and spatial), registered as they ask
+_PROJ: dict[str, JSON] = {
+    "schema_url": "https://raw.githubusercontent.com/zarr-experimental/geo-proj/refs/tags/v1/schema.json",
+    "spec_url": "https://github.com/zarr-experimental/geo-proj/blob/v1/README.md",
+    "uuid": "f17cb550-5864-4468-aeb7-f3180cfb622f", "name": "proj:",
+    "description": "Coordinate reference system information for geospatial data"}
+_SPATIAL: dict[str, JSON] = {
+    "schema_url": "https://raw.githubusercontent.com/zarr-conventions/spatial/refs/tags/v1/schema.json",
+    "spec_url": "https://github.com/zarr-conventions/spatial/blob/v1/README.md",
+    "uuid": "689b58e2-cf7b-45e0-9fff-9cfc0883d6b4", "name": "spatial",
+    "description": "Spatial coordinate information"}
 
 
 def _open(url: str, mode: Literal["r", "r+", "w"]) -> zarr.Group:
@@ -71,6 +84,21 @@ def _georef(grid: Grid) -> dict[str, JSON]:
     return {"crs": grid.crs, "transform": [t.a, t.b, t.c, t.d, t.e, t.f]}
 
 
+def _proj(grid: Grid) -> dict[str, JSON]:
+    """The grid's CRS in GeoZarr's ``proj:`` convention: its EPSG code where it has one, else its WKT2."""
+    code = CRS.from_user_input(grid.crs).to_epsg()
+    return {"proj:code": f"EPSG:{code}"} if code else {"proj:wkt2": grid.crs}
+
+
+def _geozarr(grid: Grid) -> dict[str, JSON]:
+    """A (y, x) raster on the grid in GeoZarr's ``proj:`` and ``spatial:`` conventions (GDAL 3.13 reads them)."""
+    t = grid.transform
+    xs, ys = (t.c, t.c + grid.width * t.a), (t.f, t.f + grid.height * t.e)
+    return {"zarr_conventions": [_PROJ, _SPATIAL], **_proj(grid), "spatial:dimensions": ["y", "x"],
+            "spatial:transform": [t.a, t.b, t.c, t.d, t.e, t.f], "spatial:shape": [grid.height, grid.width],
+            "spatial:bbox": [min(xs), min(ys), max(xs), max(ys)], "spatial:registration": "pixel"}
+
+
 def create(run_dir: str, grid: Grid, tiles: TileIndex, bands: tuple[str, ...], dtype: str) -> None:
     """Create both stores' metadata before any tile is written (idempotent for an existing run)."""
     s = grid.input_size
@@ -79,7 +107,8 @@ def create(run_dir: str, grid: Grid, tiles: TileIndex, bands: tuple[str, ...], d
     if not storage.exists(storage.join(tiles_url, "zarr.json")):
         g = _open(tiles_url, "w")
         attrs: dict[str, JSON] = {
-            **_georef(grid), "tile_size": grid.tile_size, "halo": grid.halo, "bands": list(bands),
+            **_georef(grid), "zarr_conventions": [_PROJ], **_proj(grid),  # the tiles' grids differ: no spatial:
+            "tile_size": grid.tile_size, "halo": grid.halo, "bands": list(bands),
             "note": "tile i covers input_transform = transform * translation(col*tile_size - halo, "
                     "row*tile_size - halo), with (row, col) = (tile_row[i], tile_col[i])"}
         g.attrs.update(attrs)
@@ -93,13 +122,13 @@ def create(run_dir: str, grid: Grid, tiles: TileIndex, bands: tuple[str, ...], d
     pred_url = storage.join(run_dir, PREDICTIONS)
     if not storage.exists(storage.join(pred_url, "zarr.json")):
         g = _open(pred_url, "w")
-        g.attrs.update(_georef(grid))
+        g.attrs.update({**_georef(grid), **_geozarr(grid)})
         t = grid.transform
         for name in PREDICTION_ARRAYS:
             g.create_array(name, shape=(grid.height, grid.width), chunks=(grid.tile_size, grid.tile_size),
                            compressors=PREDICTION_CODEC,
                            dtype="uint8", fill_value=0, dimension_names=("y", "x"),
-                           attributes={"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"})
+                           attributes={"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", **_geozarr(grid)})
         g.create_array("x", shape=(grid.width,), dtype="float64", dimension_names=("x",))[:] = \
             t.c + (np.arange(grid.width) + 0.5) * t.a
         g.create_array("y", shape=(grid.height,), dtype="float64", dimension_names=("y",))[:] = \
@@ -111,7 +140,7 @@ def create(run_dir: str, grid: Grid, tiles: TileIndex, bands: tuple[str, ...], d
         _open(pred_url, "r+").create_array(
             PROVENANCE, shape=(grid.height, grid.width), chunks=(grid.tile_size, grid.tile_size), dtype="uint16",
             fill_value=0, dimension_names=("y", "x"), compressors=PREDICTION_CODEC,
-            attributes={"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"})
+            attributes={"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", **_geozarr(grid)})
 
 
 def _prediction_key(name: str, row: int, col: int) -> str:

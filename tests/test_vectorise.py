@@ -293,7 +293,7 @@ def test_names_from_argument_then_tag_then_default(tmp_path: Path) -> None:
     assert set(vectorise(src, tmp_path / "b.gpkg", {1: "given", 2: "given too"})) == {"given", "given too"}
     plain = write_classes(tmp_path / "p.tif", a)
     vectorise(plain, tmp_path / "c.gpkg")
-    gdf = gpd.read_file(tmp_path / "c.gpkg")
+    gdf = gpd.read_file(tmp_path / "c.gpkg", layer="landcover")
     assert set(gdf.class_name) == {"class_1", "class_2"} and gdf.mean_confidence.isna().all()
 
 
@@ -360,7 +360,7 @@ def test_real_predictions_equal_whole_raster(tmp_path: Path, data_dir: Path, con
     conf_path = write_band(tmp_path / "conf.tif", conf, transform=transform)
     areas = vectorise(src, tmp_path / "o.gpkg", load_legend(data_dir / "sentinel2_strzegom" / "classes.json"),
                       confidence_path=str(conf_path), block_size=64, connectivity=connectivity)
-    gdf = gpd.read_file(tmp_path / "o.gpkg")
+    gdf = gpd.read_file(tmp_path / "o.gpkg", layer="landcover")
     assert_equal_to_whole(gdf, a, connectivity, transform)
     assert sum(areas.values()) == pytest.approx((a > 0).sum() * abs(transform.determinant))
     big = gdf.loc[gdf.area_m2.idxmax()]
@@ -506,7 +506,7 @@ def test_simplification_simplifies_real_predictions(tmp_path: Path, data_dir: Pa
     src = write_classes(tmp_path / "c.tif", a, transform=transform)
     vectorise(src, tmp_path / "exact.gpkg", block_size=100)
     vectorise(src, tmp_path / "simple.gpkg", block_size=100, simplify_m=15.0)
-    exact, simple = gpd.read_file(tmp_path / "exact.gpkg"), gpd.read_file(tmp_path / "simple.gpkg")
+    exact, simple = (gpd.read_file(tmp_path / f"{n}.gpkg", layer="landcover") for n in ("exact", "simple"))
     assert shapely.get_num_coordinates(simple.geometry.values).sum() < \
         0.6 * shapely.get_num_coordinates(exact.geometry.values).sum()
     assert_coverage_after_simplify(simple, a, 15.0, transform)

@@ -13,7 +13,8 @@ The dataflow, module by module, in the order :func:`vectorise` (``driver``) runs
 4. ``seams``: while blocks arrive, the facing strips tell which pieces are one region, a union-find
    (``unionfind``) groups them, and each region complete on all sides is unioned in a merge job.
 5. ``simplify`` (only with ``simplify_m``): coverage simplification of all polygons together.
-6. ``layer``: regions become rows of the GeoPackage's ``landcover`` layer; class areas are summed.
+6. ``layer``: regions become rows of the GeoPackage's ``landcover`` layer; class areas are summed; ``style``
+   gives the layer its default QGIS style (categories by class in the class raster's colours).
 
 ``executor`` runs the blocks' and merges' jobs as Ray tasks when ``ray.is_initialized()``, else in-process,
 in submission order with a bounded number in flight. Only the strips, the crossing pieces and the finished

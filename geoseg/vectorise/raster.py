@@ -20,7 +20,7 @@ from geoseg.vectorise.legend import CLASS_NAMES_TAG, parse_legend
 
 @dataclass(frozen=True)
 class RasterInfo:
-    """What the driver needs to know of the class raster: its grid and its own class names."""
+    """What the driver needs to know of the class raster: its grid, its own class names and colours."""
 
     height: int
     width: int
@@ -28,6 +28,7 @@ class RasterInfo:
     crs_wkt: str
     metres_per_unit: float
     class_names: dict[int, str]
+    colours: dict[int, tuple[int, int, int]]  # the colour table's RGB by class id (empty without one)
 
     @property
     def pixel_m2(self) -> float:
@@ -49,8 +50,12 @@ def read_info(classes_path: str, confidence_path: str | None) -> RasterInfo:
                                   "projected CRS; reproject it first (gdalwarp -t_srs EPSG:<UTM zone>)")
             tag = src.tags().get(CLASS_NAMES_TAG)
             names = parse_legend(json.loads(tag), f"{classes_path}:{CLASS_NAMES_TAG}") if tag else {}
+            try:
+                colours = {int(k): (v[0], v[1], v[2]) for k, v in src.colormap(1).items()}
+            except ValueError:  # no colour table
+                colours = {}
             info = RasterInfo(src.height, src.width, src.transform, src.crs.to_wkt(),
-                              float(src.crs.linear_units_factor[1]), names)
+                              float(src.crs.linear_units_factor[1]), names, colours)
         if confidence_path is not None:
             with storage.gdal_env(), rasterio.open(confidence_path) as conf:
                 if (conf.height, conf.width) != (info.height, info.width) or not conf.transform.almost_equals(
