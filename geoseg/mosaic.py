@@ -37,6 +37,7 @@ from geoseg.arrays import Band, ClassMap, Counts
 from geoseg.grid import Grid
 from geoseg.model.card import ModelCard
 from geoseg.overviews import ceil_div, downsample, level_shapes, source_level, source_span
+from geoseg.progress import bar
 from geoseg.store import PredictionArray, Predictions, open_predictions
 
 CLASSES_TIF = "classes.tif"
@@ -138,7 +139,7 @@ def output_bytes(grid: Grid) -> int:
 
 
 def mosaic(run_dir: str, grid: Grid, card: ModelCard, tags: dict[str, str], *, grid_above: int = GRID_ABOVE_PX,
-           cell: int = GRID_CELL, part_levels: int | None = None) -> MosaicResult:
+           cell: int = GRID_CELL, part_levels: int | None = None, progress: bool = False) -> MosaicResult:
     """Write the class and confidence rasters into RUN_DIR from its predictions.zarr (Ray must be up).
 
     ``part_levels`` overrides :func:`default_part_levels` (the output is the same; tests use it to make many
@@ -161,7 +162,8 @@ def mosaic(run_dir: str, grid: Grid, card: ModelCard, tags: dict[str, str], *, g
     cells = [(_window(predictions, grid, r0, c0, min(cell, grid.height - r0), min(cell, grid.width - c0), part_levels),
               f"{r0 // cell}_{c0 // cell}.tif")
              for r0 in range(0, grid.height, cell) for c0 in range(0, grid.width, cell)]
-    counts = _run([(w, [storage.join(run_dir, r.name, name) for r in rasters]) for w, name in cells], rasters)
+    counts = _run([(w, [storage.join(run_dir, r.name, name) for r in rasters]) for w, name in cells], rasters,
+                  progress)
     for r in rasters:
         storage.write_bytes(storage.join(run_dir, f"{r.name}.vrt"), _vrt(grid, r, cells))
     return MosaicResult(CLASSES_VRT, CONFIDENCE_VRT, counts)
@@ -175,7 +177,8 @@ def _window(predictions: Predictions, grid: Grid, row: int, col: int, height: in
                    _part_levels(level_shapes(height, width, BLOCK), k))
 
 
-def _run(windows: Sequence[tuple[_Window, list[str]]], rasters: Sequence[_Raster]) -> dict[int, int]:
+def _run(windows: Sequence[tuple[_Window, list[str]]], rasters: Sequence[_Raster], progress: bool = False
+         ) -> dict[int, int]:
     """Parts then assembly of every window, a few windows at a time (bounded memory in the object store)."""
     env = {"env_vars": storage.task_env()}
     part = ray.remote(_part_task).options(num_returns=3, num_cpus=1, max_retries=2, runtime_env=env)
@@ -187,6 +190,7 @@ def _run(windows: Sequence[tuple[_Window, list[str]]], rasters: Sequence[_Raster
     cpus = int(ray.cluster_resources().get("CPU", 1))
     in_flight: deque[list[ray.ObjectRef[Counts]]] = deque()
     total = np.zeros(256, np.int64)
+    cells = bar(len(windows), "mosaic", "cell", progress)
     for window, urls in windows:
         rows, cols = window.parts
         side = BLOCK << window.part_levels
@@ -202,8 +206,11 @@ def _run(windows: Sequence[tuple[_Window, list[str]]], rasters: Sequence[_Raster
                           for k, (raster, url) in enumerate(zip(rasters, urls, strict=True))])
         while len(in_flight) > max(1, cpus // (rows * cols)):
             total += ray.get(in_flight.popleft())[0]
+            cells.update()
     while in_flight:
         total += ray.get(in_flight.popleft())[0]
+        cells.update()
+    cells.close()
     return {int(c): int(total[c]) for c in np.flatnonzero(total) if c > 0}
 
 

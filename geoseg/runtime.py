@@ -19,7 +19,6 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-import sys
 import tempfile
 import time
 import uuid
@@ -55,6 +54,7 @@ from geoseg.model.checkpoint import load_card
 from geoseg.mosaic import MosaicResult, mosaic, output_bytes
 from geoseg.plan import RunPlan, load_plan, save_plan
 from geoseg.planner import make_plan, region_in
+from geoseg.progress import advance, bar
 from geoseg.provenance import write_provenance
 from geoseg.report import write_views
 from geoseg.results import (
@@ -229,7 +229,7 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     tags = {"GEOSEG_RUN_ID": plan.run_id, "GEOSEG_MODEL": f"{plan.model_name} {plan.model_version}"}
     provenance = ray.remote(write_provenance).options(num_cpus=1, runtime_env={"env_vars": storage.task_env()}
                                                       ).remote(run_dir, plan.grid, plan.composite, tags)
-    rasters = mosaic(run_dir, plan.grid, card, tags)
+    rasters = mosaic(run_dir, plan.grid, card, tags, progress=execution.progress)
     provenance_file: str = ray.get(provenance)  # beside the mosaic's tasks: one COG copy of the store's raster
     t_mosaic = time.perf_counter() - t0
     observer.stage_done("mosaic")
@@ -397,7 +397,7 @@ class _Dispatcher:
         self.submitted: dict[Any, tuple[float, float]] = {}  # each call in flight: when submitted, its deadline
         self.backstopped: set[Any] = set()  # calls the driver ended (frozen workers), until their error arrives
         self.last_backstop = time.monotonic()
-        self.progress = _Progress(plan.tile_count, execution.progress)
+        self.progress = bar(plan.tile_count, "tiles", "tile", execution.progress)
 
     def _start(self, shape: ActorShape) -> None:
         env = {**storage.forwarded_env(), "OMP_NUM_THREADS": str(shape.threads)}
@@ -407,7 +407,7 @@ class _Dispatcher:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(shape.node_id, soft=True)
         handle = self.actor_class.options(**options).remote(
             self.plan.model, self.run_dir, self.plan.grid, self.tiles_ref, self.batch_size, self.plan.precision,
-            shape.device, shape.threads)
+            shape.device, shape.threads, self.plan.tta)
         ready = handle.__ray_ready__.remote()  # type: ignore[union-attr]  # Ray's stub misses actor built-ins
         self.actors[self.started] = _Actor(self.started, shape, handle, ready)
         self.started += 1
@@ -516,11 +516,12 @@ class _Dispatcher:
                 else:
                     actor, ids = inferring.pop(ref)
                     self._infer_done(ref, actor, ids, to_infer)
-            self.progress.show(len(self.ledger.done), len(self.ledger.failed))
+            advance(self.progress, len(self.ledger.done) + len(self.ledger.failed), f"{len(self.ledger.failed)} failed")
             if time.monotonic() - last_flush > LEDGER_FLUSH_S:
                 flush_ledger(self.run_dir, self.ledger)
                 last_flush = time.monotonic()
-        self.progress.close(len(self.ledger.done), len(self.ledger.failed))
+        advance(self.progress, len(self.ledger.done) + len(self.ledger.failed), f"{len(self.ledger.failed)} failed")
+        self.progress.close()
         actors = len(self.actors)
         first = self.first
         return Execution(
@@ -637,36 +638,3 @@ def _runs(todo: list[int], run_len: int) -> deque[list[int]]:
         runs.append(todo[k:k + n])
         k, n = k + n, min(2 * n, run_len)
     return runs
-
-
-class _Progress:
-    """Tiles done / failed / total: a bar on a terminal, a plain line every few seconds in logs."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-        self.start = time.monotonic()
-
-    def show(self, done: int, failed: int, force: bool = False) -> None:
-        """Print the current counts (throttled)."""
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < (0.2 if self.tty else 5.0)):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        text = f"tiles {done}/{self.total} done, {failed} failed, {rate:.2f} tiles/s"
-        if self.tty:
-            width = 30
-            filled = int(width * (done + failed) / max(self.total, 1))
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}")
-        else:
-            sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-
-    def close(self, done: int, failed: int) -> None:
-        """Print the final counts."""
-        self.show(done, failed, force=True)
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-

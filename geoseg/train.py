@@ -40,6 +40,7 @@ from geoseg.evaluate import confusion_matrix, format_table, summarise
 from geoseg.model.card import ClassInfo, ModelCard
 from geoseg.model.checkpoint import build_model, read_checkpoint, resolve, save_checkpoint
 from geoseg.model.pretrained import load_encoder
+from geoseg.progress import Follow, publish
 
 _RESUMABLE = ("epochs", "resume", "use_gpu", "cpus_per_worker")  # settings a resumed run may change
 NODATA = "invalid pixels are zero-filled after normalisation; the job writes class 0 (nodata) there"
@@ -274,6 +275,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     sampler = ChipSampler(train_items, card.class_ids, config.chip, config.balance, config.zoom)
     total = config.epochs * config.steps_per_epoch
 
+    line = ""  # the last finished epoch's summary, shown by the driver above its progress bar
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         frozen = epoch < config.freeze_encoder_epochs
@@ -297,9 +299,9 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             optimizer.step()
             losses.append(loss.item())
             step += 1
-            if rank == 0 and (i + 1) % max(1, config.steps_per_epoch // 4) == 0:
-                print(f"[{config.name}] epoch {epoch + 1}/{config.epochs} step {i + 1}/{config.steps_per_epoch} "
-                      f"loss {np.mean(losses[-10:]):.4f}", flush=True)
+            if rank == 0 and (i + 1) % max(1, config.steps_per_epoch // 10) == 0:
+                publish(config.name, {"done": step - start_epoch * config.steps_per_epoch, "line": line,
+                                      "note": f"epoch {epoch + 1}/{config.epochs} loss {np.mean(losses[-10:]):.4f}"})
         train_s = time.perf_counter() - t0
         cm = validate(core, card, val_items[rank::world])
         if world > 1:
@@ -315,13 +317,12 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             **{f"val_iou_{k}": v for k, v in val["iou"].items() if v is not None},
         }
         if rank == 0:
-            print(
-                f"[{config.name}] epoch {epoch + 1}/{config.epochs} loss {metrics['train_loss']:.4f} "
-                f"val mIoU {val['miou']:.4f} OA {val['overall_accuracy']:.4f} (best {best:.4f}) "
-                f"train {train_s:.0f}s val {time.perf_counter() - t0 - train_s:.0f}s"
-                + (" [encoder frozen]" if frozen else ""),
-                flush=True,
-            )
+            line = (f"[{config.name}] epoch {epoch + 1}/{config.epochs} loss {metrics['train_loss']:.4f} "
+                    f"val mIoU {val['miou']:.4f} OA {val['overall_accuracy']:.4f} (best {best:.4f}) "
+                    f"train {train_s:.0f}s val {time.perf_counter() - t0 - train_s:.0f}s"
+                    + (" [encoder frozen]" if frozen else ""))
+            publish(config.name, {"done": step - start_epoch * config.steps_per_epoch, "line": line,
+                                  "note": f"epoch {epoch + 1}/{config.epochs} val mIoU {val['miou']:.4f}"})
             with tempfile.TemporaryDirectory() as d:
                 extra = {
                     "epoch": epoch, "step": step, "best": best, "optimizer": optimizer.state_dict(),
@@ -358,11 +359,10 @@ def _init_ray(config: TrainConfig) -> None:
     """Join the cluster in RAY_ADDRESS, or start a local one with its files in a temp dir."""
     from geoseg.cluster import connect
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # progress lines once, not once per log handler
     # the dashboard (when ray[default] is installed) serves the state API that Ray Train's
     # placement-group cleaner polls every second
     connect(num_cpus=max(os.cpu_count() or 1, config.num_workers * config.cpus_per_worker), dashboard=True,
-            log_to_driver=True, temp_dir=tempfile.mkdtemp(prefix="geoseg-ray-"))
+            temp_dir=tempfile.mkdtemp(prefix="geoseg-ray-"))  # progress comes through progress.Follow
 
 
 def train(config: TrainConfig) -> Path:
@@ -407,7 +407,9 @@ def train(config: TrainConfig) -> Path:
                 failure_config=FailureConfig(max_failures=2),
             ),
         )
-        trainer.fit()
+        first = previous[-1][1]["epoch"] + 1 if previous else 0
+        with Follow(config.name, (config.epochs - first) * config.steps_per_epoch, config.name, "step"):
+            trainer.fit()
     best_pt, metrics = max(_checkpoints(run_dir, config), key=lambda pm: pm[1]["val_miou"])
     raw = read_checkpoint(best_pt)
     model = build_model(card)

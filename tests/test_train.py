@@ -58,8 +58,10 @@ def test_learning_rate_warms_up_then_decays() -> None:
 
 
 def test_short_real_training_run_learns_resumes_loads_and_fine_tunes(data_dir: Path, ray_session: None,
-                                                                      tmp_path: Path) -> None:
-    """Two epochs on real Strzegom chips through Ray Train, east quarter held out; then one more epoch resumed."""
+                                                                      tmp_path: Path,
+                                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """Two epochs on real Strzegom chips through Ray Train, east quarter held out; then one more epoch resumed.
+    The driver shows the workers' progress (a bar, plain lines off a terminal, and each epoch's summary)."""
     base = dict(
         name="tiny", data_root=str(data_dir), images="sentinel2_strzegom/scenes/strzegom_{item}_33u.tif",
         labels="sentinel2_strzegom/labels/{stem}.tif", classes_json="sentinel2_strzegom/classes.json",
@@ -68,6 +70,8 @@ def test_short_real_training_run_learns_resumes_loads_and_fine_tunes(data_dir: P
         training_data=("Strzegom test chips (licence not stated)",),
     )
     path = train(TrainConfig(**base, epochs=2))  # type: ignore[arg-type]
+    shown = capfd.readouterr().err
+    assert "[tiny] epoch 1/2 loss" in shown and "[tiny] epoch 2/2 loss" in shown and "24/24" in shown, shown
     runs = sorted((tmp_path / "run" / "ray" / "tiny").glob("checkpoint_*/model.pt"))
     metrics = sorted((json.loads(read_checkpoint(p)["extra"]["metrics"]) for p in runs), key=lambda m: m["epoch"])
     assert [m["epoch"] for m in metrics] == [0, 1]
