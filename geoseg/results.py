@@ -88,8 +88,8 @@ class Execution:
     nodes: dict[str, list[str]] = field(default_factory=dict)
     """Ray node ids that ran each role ("tile" readers, "infer" actors)."""
     infra_retries: int = 0
-    """Tile retries after infrastructure faults (dead workers, nodes or actors; store outages): none of them
-    was charged to a tile's attempts."""
+    """Infrastructure faults met (dead workers, nodes or actors; store outages; a failed task or call counts
+    once): their tiles were retried, and none was charged to a tile's attempts."""
     tile_attempts_failed: int = 0
     """Attempts charged to tiles: failures that were the tiles' own (0 on a run where only the cluster
     failed)."""

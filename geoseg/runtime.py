@@ -422,13 +422,15 @@ class _Dispatcher:
             log.info("node %s joined: starting an inference actor of %g CPUs on it", shape.node_id, shape.num_cpus)
             self._start(shape)
 
-    def _fault(self, tile_id: int, stage: str, error: TileError, retry: deque[int], infra: bool = False) -> None:
+    def _fault(self, tile_id: int, stage: str, error: TileError, retry: deque[int], infra: bool = False,
+               counted: bool = True) -> None:
         """A tile that did not get through ``stage``: retried after backoff when the fault is the infrastructure's
-        (never charged to the tile; the run's budget is), else charged to the tile (``faults.py``)."""
+        (never charged to the tile; the run's budget is, once per fault: the tiles of one failed task or call
+        after the first are not ``counted``), else charged to the tile (``faults.py``)."""
         if not (infra or is_infrastructure(error)):
             self._failed_attempt(tile_id, stage, error, retry)
             return
-        self.infra_total += 1
+        self.infra_total += counted
         if self.infra_total > self.ex.infra_retries:
             raise ExecutionError(
                 f"{self.infra_total} infrastructure faults in this run (last: tile {tile_id} in {stage}: "
@@ -572,8 +574,8 @@ class _Dispatcher:
         try:
             node, results = ray.get(ref)
         except RayError as exc:  # the task's worker or node died: the infrastructure's fault, for every tile
-            for i in ids:
-                self._fault(i, "tile", TileError.of(exc), retry, infra=True)
+            for k, i in enumerate(ids):
+                self._fault(i, "tile", TileError.of(exc), retry, infra=True, counted=k == 0)
             return
         self.nodes["tile"].add(node)
         self.deadlines.record("tile", time.monotonic() - submitted, len(ids))
@@ -593,9 +595,9 @@ class _Dispatcher:
             if isinstance(exc, RayActorError):
                 self._replace(actor, exc)
             died = TileError.of(exc)
-            for i in ids:
+            for k, i in enumerate(ids):
                 self._fault(i, "infer", replace(died, message=f"inference actor died: {died.message}"), to_infer,
-                            infra=True)
+                            infra=True, counted=k == 0)
             return
         self.nodes["infer"].add(node)
         self.replacements = 0  # an actor finished a call: the pool is healthy, deaths so far were passing faults
