@@ -167,13 +167,13 @@ def quicklook(classes: Picture, card: ModelCard) -> Picture:
 
 def bar_chart(bars: Sequence[tuple[str, str, float]], unit: str) -> str:
     """An inline SVG of horizontal bars: (label, colour, value) each, values written after the bars."""
-    row, label_w, bar_w = 22, 250, 300
+    row, label_w, bar_w = 22, 210, 190
     top = max((v for _, _, v in bars), default=0.0) or 1.0
-    parts = [f'<svg class="chart" width="{label_w + bar_w + 110}" height="{row * len(bars) + 4}" '
+    parts = [f'<svg class="chart" width="{label_w + bar_w + 80}" height="{row * len(bars) + 4}" '
              f'role="img" aria-label="bar chart">']
     for k, (label, colour, value) in enumerate(bars):
         y = k * row + 2
-        short = label if len(label) <= 36 else label[:35] + "…"
+        short = label if len(label) <= 30 else label[:29] + "…"
         parts.append(f'<g><title>{_e(label)}: {value:,.3f} {unit}</title>'
                      f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{_e(short)}</text>'
                      f'<rect x="{label_w}" y="{y + 2}" width="{bar_w * value / top:.1f}" height="{row - 6}" '
@@ -187,13 +187,15 @@ def bar_chart(bars: Sequence[tuple[str, str, float]], unit: str) -> str:
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1180px;padding:0 16px;color:#222}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
-.sub{color:#555;margin:0}.maps{display:flex;flex-wrap:wrap;gap:24px}.map{flex:1 1 460px;max-width:720px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:24px 0 8px;border-bottom:1px solid #ddd}
+h3{font-size:15px;margin:4px 0}
+.sub{color:#555;margin:0}.row{display:flex;flex-wrap:wrap;gap:12px 32px;align-items:flex-start}
+.map{flex:1 1 340px;max-width:560px}.row>section{flex:1 1 460px}
 .map img{width:100%;image-rendering:pixelated;border:1px solid #ccc;display:block}
 .frame{position:relative}.frame svg{position:absolute;left:0;top:0;width:100%;height:100%}
 .frame rect.failed{fill:#d62728;fill-opacity:0;stroke:#fff;stroke-width:1;vector-effect:non-scaling-stroke}
 .frame rect.failed:hover{fill-opacity:.5}
-table{border-collapse:collapse;margin:6px 0}td,th{padding:2px 10px;text-align:left;border-bottom:1px solid #eee}
+table{border-collapse:collapse;margin:6px 0}td,th{padding:1px 10px;text-align:left;border-bottom:1px solid #eee}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 .sw{display:inline-block;width:12px;height:12px;border:1px solid #555;vertical-align:-1px;margin-right:6px}
 .bar{background:#4c78a8;height:10px;display:inline-block}.error{background:#fde2e1;padding:8px 12px}
@@ -214,15 +216,13 @@ def report_html(run_dir: str, plan: RunPlan, card: ModelCard, ledger: Ledger, re
         head += "<p class=error>No report.json yet: the run has not finished. Tile status as the ledger has it.</p>"
     elif report.error:
         head += f"<p class=error>The run stopped before writing its maps: {_e(report.error)}</p>"
-    body = [head]
-    if pictures is not None:
-        body.append(_maps_section(card, report, pictures))
-    body.append(_status_section(plan, ledger, status))
+    status_map, failed_list = _status_parts(plan, ledger, status)
+    maps = _map_parts(card, pictures) if pictures is not None else ""
+    body = [head, f"<h2>Maps</h2><div class=row>{maps}{status_map}</div>", failed_list]
     if report is not None and report.class_pixel_area_m2:
         body.append(_areas_section(card, report))
-    if report is not None:
-        body.append(_stages_section(report))
-    body.append(_card_section(card))
+    body.append(f"<div class=row><section>{_stages_section(report) if report is not None else ''}</section>"
+                f"<section>{_card_section(card)}</section></div>")
     warnings = report.warnings if report is not None else plan.warnings
     body.append("<h2>Warnings</h2>" + (_list(warnings) if warnings else "<p class=muted>none</p>"))
     if report is not None and report.items:
@@ -231,20 +231,19 @@ def report_html(run_dir: str, plan: RunPlan, card: ModelCard, ledger: Ledger, re
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
 
 
-def _maps_section(card: ModelCard, report: RunReport | None, pictures: Pictures) -> str:
-    areas = report.class_pixel_area_m2 if report is not None else {}
-    legend = "".join(f"<tr><td><span class=sw style='background:{_e(c.color)}'></span>{_e(c.name)}</td>"
-                     f"<td class=n>{areas.get(c.name, 0.0) / 1e6:,.3f} km²</td></tr>" for c in card.classes)
+def _map_parts(card: ModelCard, pictures: Pictures) -> str:
+    legend = "".join(f"<tr><td><span class=sw style='background:{_e(c.color)}'></span>{_e(c.name)}</td></tr>"
+                     for c in card.classes)
     ramp_css = ",".join(f"rgb{tuple(int(v) for v in rgb)}" for rgb in _RAMP)
-    return ("<h2>Maps</h2><div class=maps>"
-            f"<div class=map><h3>Classes</h3>{_img('class-map', pictures.classes, 'class map')}"
+    return (f"<div class=map><h3>Classes</h3>{_img('class-map', pictures.classes, 'class map')}"
             f"<table id=legend>{legend}</table></div>"
             f"<div class=map><h3>Confidence</h3>{_img('confidence-map', pictures.confidence, 'confidence map')}"
             f"<p>0<span class=ramp style='background:linear-gradient(to right,{ramp_css})'></span>1 "
-            "<span class=muted>(most likely class's probability; blank: no data)</span></p></div></div>")
+            "<span class=muted>(most likely class's probability; blank: no data)</span></p></div>")
 
 
-def _status_section(plan: RunPlan, ledger: Ledger, status: Picture) -> str:
+def _status_parts(plan: RunPlan, ledger: Ledger, status: Picture) -> tuple[str, str]:
+    """The tile status map, and the list of failed tiles."""
     grid = plan.grid
     failed = sorted(ledger.failed.values(), key=lambda t: t.id)
     boxes = []
@@ -261,13 +260,13 @@ def _status_section(plan: RunPlan, ledger: Ledger, status: Picture) -> str:
              else " (hover a failed tile for its error)" if failed else "")
     rows = "".join(f"<tr><td class=n>{t.id}</td><td class=n>{t.row}</td><td class=n>{t.col}</td><td>{_e(t.stage)}"
                    f"</td><td class=n>{t.attempts}</td><td>{_e(t.error)}</td></tr>" for t in failed[:MAX_FAILED_ROWS])
-    listed = (f"<p id=failed-count>{len(failed):,} failed tiles" +
+    listed = (f"<h2>Failed tiles</h2><p id=failed-count>{len(failed):,} failed tiles" +
               (f", the first {MAX_FAILED_ROWS} listed" if len(failed) > MAX_FAILED_ROWS else "") + ":</p>"
               "<table id=failed-tiles><tr><th class=n>tile</th><th class=n>row</th><th class=n>col</th><th>stage</th>"
               f"<th class=n>attempts</th><th>error</th></tr>{rows}</table>" if failed
               else "<p id=failed-count>No failed tiles.</p>")
-    return (f"<h2>Tiles</h2><div class=map><div class=frame>{_img('status-map', status, 'tile status')}{overlay}"
-            f"</div><p>{key}<span class=muted>{grid.tile_size} px tiles{hover}</span></p></div>{listed}")
+    return (f"<div class=map><h3>Tiles</h3><div class=frame>{_img('status-map', status, 'tile status')}{overlay}"
+            f"</div><p>{key}<span class=muted>{grid.tile_size} px tiles{hover}</span></p></div>", listed)
 
 
 def _areas_section(card: ModelCard, report: RunReport) -> str:
@@ -278,8 +277,8 @@ def _areas_section(card: ModelCard, report: RunReport) -> str:
                    f"<td class=n>{polygons.get(c.name, 0.0) / 1e6:,.4f}</td>"
                    f"<td class=n>{100 * pixels.get(c.name, 0.0) / whole:.1f} %</td></tr>" for c in card.classes)
     chart = bar_chart([(c.name, c.color, pixels.get(c.name, 0.0) / 1e6) for c in card.classes], "km²")
-    return ("<h2>Area per class</h2><table id=class-areas><tr><th>class</th><th class=n>pixels, km²</th>"
-            f"<th class=n>polygons, km²</th><th class=n>share</th></tr>{rows}</table>{chart}")
+    return ("<h2>Area per class</h2><div class=row><table id=class-areas><tr><th>class</th><th class=n>pixels, km²"
+            f"</th><th class=n>polygons, km²</th><th class=n>share</th></tr>{rows}</table>{chart}</div>")
 
 
 def _stages_section(report: RunReport) -> str:
