@@ -7,8 +7,8 @@ embedded PNGs and charts inline SVG, so the page can be mailed or attached as it
 map with its legend drawn in.
 
 Pictures are at most ``MAX_PX`` on their long side and are read from the class raster's overviews (rasterio at a
-decimated ``out_shape``, so GDAL reads the overview level that fits): a report of a continent costs about what a
-report of a field does. A grid of COGs (``classes.vrt``) is read cell by cell from each cell's own overviews in
+decimated ``out_shape``, so GDAL reads the overview level that fits): the pictures of a continent cost about what a
+field's do. A grid of COGs (``classes.vrt``) is read cell by cell from each cell's own overviews in
 parallel (Ray tasks when Ray is up, else threads), never in one pass over the VRT.
 """
 

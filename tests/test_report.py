@@ -93,7 +93,7 @@ def render(page: Path, tmp: Path) -> tuple[_Dom, Path]:
     probed = tmp / f"probed-{page.name}"
     probed.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
     flags = [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             f"--user-data-dir={tmp / 'chromium'}"]
+             "--virtual-time-budget=5000", f"--user-data-dir={tmp / 'chromium'}"]  # the load handlers run first
     dom = subprocess.run([*flags, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120,
                          check=True).stdout
     shot = tmp / f"{page.stem}.png"
