@@ -1,18 +1,20 @@
 """Benchmark of the shipped models on this machine: training s/epoch, inference Mpx/s, validation mIoU and OA.
 
-    python -m geoseg.bench_model [sentinel2-lulc aerial-rgb]
+    python -m geoseg.bench_model [--tta] [sentinel2-lulc aerial-rgb]
 
 Each model's training config travels inside its checkpoint, so the benchmark re-reads the same data,
 times real training steps (one worker, in process) and tiled inference over the validation images, and
 scores that inference. It also prints the halo the trained network needs (the radius holding 99% of a
 pixel's input gradient) and the accuracy along tile borders versus tile interiors and versus the same
-band predicted with the whole image in one window (no tiles).
+band predicted with the whole image in one window (no tiles). ``--tta`` instead compares validation mIoU,
+OA and inference Mpx/s without and with test-time augmentation, the two timed in turn on each image.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -23,6 +25,7 @@ import torch
 from geoseg.arrays import Mask
 from geoseg.datasets import ChipSampler, augment
 from geoseg.evaluate import confusion_matrix, summarise
+from geoseg.infer import probabilities
 from geoseg.model import SHIPPED
 from geoseg.model.card import ModelCard
 from geoseg.model.checkpoint import build_model, load_model, read_checkpoint
@@ -73,12 +76,54 @@ def time_training(card: ModelCard, config: TrainConfig, sampler: ChipSampler, st
     return (time.perf_counter() - t0) / steps
 
 
+def saved_config(name: str) -> TrainConfig:
+    """The training config a checkpoint carries, reading the data from the default data root."""
+    extra = read_checkpoint(name)["extra"]
+    saved: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(extra["config"]).items()}
+    return replace(TrainConfig(**saved), data_root="")
+
+
+class _Softmax(torch.nn.Module):
+    """The network as the inference actor runs it: softmax, with or without test-time augmentation."""
+
+    def __init__(self, net: torch.nn.Module, tta: bool) -> None:
+        super().__init__()
+        self.net, self.tta = net, tta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return probabilities(self.net, x, tta=self.tta)
+
+
+def bench_tta(name: str) -> dict[str, float]:
+    """Validation mIoU, OA and tiled inference Mpx/s without and with test-time augmentation, torch on all cores;
+    the two are timed in turn on each image (after a warm-up), so a changing load weighs on both alike."""
+    card, model = load_model(name)
+    _, _, val_items = prepare_data(saved_config(name))
+    torch.set_num_threads(os.cpu_count() or 1)
+    for tta in (False, True):  # untimed: a shape's first forward pass builds its kernels
+        predict_ids(_Softmax(model, tta), card, val_items[0].image)
+    cm = {tta: np.zeros((256, 256), np.int64) for tta in (False, True)}
+    seconds = dict.fromkeys((False, True), 0.0)
+    pixels = 0
+    for item in val_items:
+        for tta in (False, True):
+            t0 = time.perf_counter()
+            ids = predict_ids(_Softmax(model, tta), card, item.image)
+            seconds[tta] += time.perf_counter() - t0
+            cm[tta] += confusion_matrix(ids, item.label)
+        pixels += ids.size
+    row: dict[str, float] = {}
+    for tta, key in ((False, "plain"), (True, "tta")):
+        val = summarise(cm[tta])
+        row |= {f"{key}_miou": val["miou"], f"{key}_oa": val["overall_accuracy"],
+                f"{key}_mpx_s": pixels / seconds[tta] / 1e6}
+    return row
+
+
 def bench(name: str) -> dict[str, float]:
     """One row of the benchmark for a shipped model (or a checkpoint path)."""
     card, model = load_model(name)
-    extra = read_checkpoint(name)["extra"]
-    saved: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(extra["config"]).items()}
-    config = replace(TrainConfig(**saved), data_root="")
+    config = saved_config(name)
     _, train_items, val_items = prepare_data(config)
     sampler = ChipSampler(train_items, card.class_ids, config.chip, config.balance, config.zoom)
     step_s = time_training(card, config, sampler)
@@ -120,8 +165,16 @@ def main(argv: list[str] | None = None) -> None:
     """Print one line per model."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", default=sorted(SHIPPED))
+    parser.add_argument("--tta", action="store_true", help="compare validation without and with test-time augmentation")
     args = parser.parse_args(argv)
     for name in args.models:
+        if args.tta:
+            t = bench_tta(name)
+            print(f"{name}: val mIoU {t['plain_miou']:.4f} -> {t['tta_miou']:.4f} with TTA, "
+                  f"OA {t['plain_oa']:.4f} -> {t['tta_oa']:.4f}; "
+                  f"infer {t['plain_mpx_s']:.3f} -> {t['tta_mpx_s']:.3f} Mpx/s "
+                  f"({t['plain_mpx_s'] / t['tta_mpx_s']:.2f}x the cost), {torch.get_num_threads()} threads", flush=True)
+            continue
         r = bench(name)
         print(
             f"{name}: train {r['train_s_per_epoch']:.1f} s/epoch, infer {r['infer_mpx_s']:.2f} Mpx/s, "

@@ -76,6 +76,10 @@ class RunConfig:
     precision: str | None = None
     """Arithmetic of the forward pass, "fp32" or "bf16": they give slightly different maps, so the plan records
     it and a rerun keeps it. None: bf16 on GPU actors, fp32 on CPU actors (or the existing plan's)."""
+    tta: bool = False
+    """Test-time augmentation: average the softmax over each tile's 8 flips and quarter turns. Off by default: it
+    costs 6-7x the inference time and adds less than the 0.01 mIoU on both shipped models that would earn it
+    (docs/models.md, "Test-time augmentation"). It changes the map, so the plan records it and a rerun keeps it."""
     vectorise: VectoriseSettings = VectoriseSettings()
     """Polygonising options."""
     max_tiles: int = MAX_TILES
@@ -162,8 +166,9 @@ class ExecutionSettings:
     """Seconds every reader task and actor call may run (from its start) before its worker is ended and its
     tiles retried elsewhere; None: ``faults.Deadlines``, from the rates measured in this run."""
     infra_retries: int = 1000
-    """Retries after infrastructure faults the whole run may spend (with backoff) before it ends with an
-    ``ExecutionError``, its ledger saved: a cluster or store that keeps failing is not waited on forever."""
+    """Infrastructure faults the whole run may meet, each retried with backoff, before it ends with an
+    ``ExecutionError``, its ledger saved: a cluster or store that keeps failing is not waited on forever. A
+    failed reader task or actor call is one fault however many tiles it carried."""
     progress: bool = True
     """Show tiles done / failed / total while running."""
 

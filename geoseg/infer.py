@@ -3,7 +3,8 @@
 The predictor is plain Python; ``runtime`` makes Ray actors of it (``num_gpus`` on GPU clusters).
 It runs the plan's precision wherever it is: bf16 autocast by default on a GPU (with pinned host memory
 and non-blocking copies), fp32 by default on a CPU (bf16 is several times slower on common CPUs), so a
-rerun on other hardware still makes the same map. Both use channels_last.
+rerun on other hardware still makes the same map. Both use channels_last. A plan with ``tta`` averages
+the softmax over the tile's flips and quarter turns (:func:`probabilities`).
 """
 
 from __future__ import annotations
@@ -23,15 +24,48 @@ from geoseg.model.checkpoint import load_model
 from geoseg.results import TileError
 from geoseg.store import Stores
 
+DIHEDRAL = tuple((turns, flip) for flip in (False, True) for turns in range(4))
+"""Test-time augmentation's transforms as (quarter turns, left-right flip first): the square's 8 symmetries."""
+
+
+def _transform(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    """Flip left-right (if ``flip``), then turn ``turns`` quarter turns, over the last two axes."""
+    return torch.rot90(x.flip(-1) if flip else x, turns, (-2, -1))
+
+
+def _untransform(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    """The inverse of :func:`_transform`: back onto the input's pixels."""
+    x = torch.rot90(x, -turns, (-2, -1))
+    return x.flip(-1) if flip else x
+
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, x: torch.Tensor, class_ids: torch.Tensor, bf16: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class ids (uint8) and confidence (max softmax probability scaled to 0..255, uint8) per pixel."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(x.contiguous(memory_format=torch.channels_last))
-    prob = torch.softmax(logits.float(), dim=1)
-    conf, k = prob.max(dim=1)
+def probabilities(model: torch.nn.Module, x: torch.Tensor, bf16: bool = False, tta: bool = False) -> torch.Tensor:
+    """Softmax per pixel (float32, N x classes x H x W) of a normalised batch.
+
+    With ``tta`` it is the mean of the softmax over the 8 :data:`DIHEDRAL` transforms of the input, each
+    undone on its output: a transformed input's result is the same transform of the input's result (so no
+    map depends on which way the scene is oriented), at 8 forward passes' cost. One transform at a time, so
+    memory stays that of one forward pass."""
+    def softmax(t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(t.contiguous(memory_format=torch.channels_last))
+        return torch.softmax(logits.float(), dim=1)
+
+    if not tta:
+        return softmax(x)
+    total = torch.zeros((), device=x.device)
+    for turns, flip in DIHEDRAL:
+        total = total + _untransform(softmax(_transform(x, turns, flip)), turns, flip)
+    return total / len(DIHEDRAL)
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, x: torch.Tensor, class_ids: torch.Tensor, bf16: bool = False,
+            tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class ids (uint8) and confidence (max softmax probability scaled to 0..255, uint8) per pixel; with
+    ``tta``, of the softmax averaged over flips and turns (:func:`probabilities`)."""
+    conf, k = probabilities(model, x, bf16, tta).max(dim=1)
     return class_ids[k], (conf * 255.0).round().to(torch.uint8)
 
 
@@ -72,7 +106,7 @@ class Predictor:
     """
 
     def __init__(self, model: str, run_dir: str, grid: Grid, tiles: npt.NDArray[np.int32], batch_size: int,
-                 precision: str = "fp32", device: str = "cpu", threads: int | None = None) -> None:
+                 precision: str = "fp32", device: str = "cpu", threads: int | None = None, tta: bool = False) -> None:
         self.threads = threads or torch.get_num_threads()
         self.device = torch.device(device)
         self.card, self.model = load_model(model, device=device)
@@ -83,6 +117,7 @@ class Predictor:
         self.mean = torch.tensor(self.card.mean, dtype=torch.float32, device=self.device)[:, None, None]
         self.std = torch.tensor(self.card.std, dtype=torch.float32, device=self.device)[:, None, None]
         self.bf16 = precision == "bf16"
+        self.tta = tta
         self.stores = Stores(run_dir)
         self.grid = grid
         self.tiles = tiles
@@ -121,7 +156,7 @@ class Predictor:
             ok = ok.pin_memory().to(self.device, non_blocking=True)
         x = raw.to(torch.float32).mul_(self.scale).sub_(self.mean).div_(self.std)
         x.masked_fill_(~ok[:, None], 0.0)
-        classes, conf = predict(self.model, x, self.class_ids, self.bf16)
+        classes, conf = predict(self.model, x, self.class_ids, self.bf16, self.tta)
         classes, conf = classes.masked_fill_(~ok, 0), conf.masked_fill_(~ok, 0)
         return classes[:n].cpu().numpy(), conf[:n].cpu().numpy()
 

@@ -94,6 +94,8 @@ class RunPlan:
     """"fp32" or "bf16": the forward pass's arithmetic, which changes the map in its last bits."""
     vectorise: VectoriseSettings
     warnings: tuple[str, ...]
+    tta: bool = False
+    """Test-time augmentation: the softmax averaged over each tile's flips and quarter turns (``infer``)."""
 
     @property
     def tile_count(self) -> int:
@@ -124,6 +126,7 @@ class RunPlan:
             precision=d.get("precision", "fp32"),  # plans written before precision was recorded ran fp32 on CPUs
             vectorise=VectoriseSettings(**d["vectorise"]),
             warnings=tuple(d["warnings"]),
+            tta=d.get("tta", False),  # plans written before test-time augmentation ran without it
         )
 
     def same_work(self, other: RunPlan) -> bool:

@@ -244,6 +244,7 @@ def make_plan(config: RunConfig, use_gpu: bool = False) -> RunPlan:
         precision=config.precision or ("bf16" if use_gpu else "fp32"),
         vectorise=config.vectorise,
         warnings=tuple(warnings),
+        tta=config.tta,
     )
 
 
@@ -348,7 +349,8 @@ def describe(plan: RunPlan) -> str:
     per_tile = _items_per_tile(plan)
     counts = per_tile.sum(axis=1)
     lines = [
-        f"model     {plan.model_name} {plan.model_version} ({plan.model})",
+        f"model     {plan.model_name} {plan.model_version} ({plan.model})"
+        + (", test-time augmentation (8 flips and turns)" if plan.tta else ""),
         f"grid      {name}, {g.res:g} m pixels, {g.width} x {g.height} px, origin ({g.left:.2f}, {g.top:.2f})",
         f"tiles     {plan.tile_count} of {g.tile_size} px + {g.halo} px halo (input {g.input_size} px), "
         f"{g.tile_rows} x {g.tile_cols} tile grid",
