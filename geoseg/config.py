@@ -7,6 +7,7 @@ the flag to change, before any tile is read: never after hours of inference.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from geoseg.errors import ConfigError
@@ -16,6 +17,11 @@ COMPOSITES = ("first", "latest", "least-cloudy", "median")  # composite.py says 
 CLOUD_MASKS = ("auto", "scl", "model", "none")
 DEVICES = ("cuda", "cpu")
 MAX_TILES = 10_000_000  # default --max-tiles: ~10^13 px of 1024 px tiles, far above any sane run
+
+
+def absolute(path: str) -> str:
+    """A local path as an absolute one (a URL as it is): every node must find the same file."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def _require(ok: bool, message: str) -> None:
@@ -80,6 +86,9 @@ class RunConfig:
     """Test-time augmentation: average the softmax over each tile's 8 flips and quarter turns. Off by default: it
     costs 6-7x the inference time and adds less than the 0.01 mIoU on both shipped models that would earn it
     (docs/models.md, "Test-time augmentation"). It changes the map, so the plan records it and a rerun keeps it."""
+    probabilities: bool = False
+    """Also write every class's probability (``probabilities.tif``, uint8, one band per class): an output, so the
+    plan records it."""
     vectorise: VectoriseSettings = VectoriseSettings()
     """Polygonising options."""
     max_tiles: int = MAX_TILES
@@ -106,6 +115,10 @@ class RunConfig:
     and later, 0 before); None: read it from the files' band offset and scale, else take the model card's."""
 
     def __post_init__(self) -> None:
+        # local paths made absolute here, once: workers resolve them in their own working directories
+        object.__setattr__(self, "scenes", tuple(absolute(s) for s in self.scenes))
+        object.__setattr__(self, "out", absolute(self.out) if self.out else self.out)
+        object.__setattr__(self, "stac", absolute(self.stac) if self.stac else self.stac)
         _require(bool(self.scenes) != bool(self.stac),
                  "give the scenes with --scenes FILE [FILE ...] or a catalogue with --stac URL (one of the two)")
         _require(not self.stac or self.region_wkt is not None,

@@ -4,7 +4,9 @@ The predictor is plain Python; ``runtime`` makes Ray actors of it (``num_gpus`` 
 It runs the plan's precision wherever it is: bf16 autocast by default on a GPU (with pinned host memory
 and non-blocking copies), fp32 by default on a CPU (bf16 is several times slower on common CPUs), so a
 rerun on other hardware still makes the same map. Both use channels_last. A plan with ``tta`` averages
-the softmax over the tile's flips and quarter turns (:func:`probabilities`).
+the softmax over the tile's flips and quarter turns (:func:`probabilities`). From that one softmax come the
+class, the confidence, the margin (:func:`margin`) and, in a plan with ``probabilities``, every class's
+probability as uint8.
 """
 
 from __future__ import annotations
@@ -60,13 +62,30 @@ def probabilities(model: torch.nn.Module, x: torch.Tensor, bf16: bool = False, t
     return total / len(DIHEDRAL)
 
 
+def to_uint8(p: torch.Tensor) -> torch.Tensor:
+    """Probabilities 0..1 as uint8 0..255 (rounded): how confidence and probabilities are stored."""
+    return (p * 255.0).round().to(torch.uint8)
+
+
+def classify(p: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class ids (uint8) and confidence (the max probability, uint8 0..255) of a softmax (N x classes x H x W)."""
+    conf, k = p.max(dim=1)
+    return class_ids[k], to_uint8(conf)
+
+
+def margin(p: torch.Tensor) -> torch.Tensor:
+    """The two most likely classes' probability difference per pixel, uint8 at least 1 (so 0 stays no data):
+    high where the model is sure, near 1 where two classes tie."""
+    top = p.topk(2, dim=1).values
+    return to_uint8(top[:, 0] - top[:, 1]).clamp_(min=1)
+
+
 @torch.inference_mode()
 def predict(model: torch.nn.Module, x: torch.Tensor, class_ids: torch.Tensor, bf16: bool = False,
             tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Class ids (uint8) and confidence (max softmax probability scaled to 0..255, uint8) per pixel; with
     ``tta``, of the softmax averaged over flips and turns (:func:`probabilities`)."""
-    conf, k = probabilities(model, x, bf16, tta).max(dim=1)
-    return class_ids[k], (conf * 255.0).round().to(torch.uint8)
+    return classify(probabilities(model, x, bf16, tta), class_ids)
 
 
 def prepare(card: ModelCard, image: np.ndarray, valid: np.ndarray, batch_size: int) -> np.ndarray:
@@ -106,7 +125,8 @@ class Predictor:
     """
 
     def __init__(self, model: str, run_dir: str, grid: Grid, tiles: npt.NDArray[np.int32], batch_size: int,
-                 precision: str = "fp32", device: str = "cpu", threads: int | None = None, tta: bool = False) -> None:
+                 precision: str = "fp32", device: str = "cpu", threads: int | None = None, tta: bool = False,
+                 keep_probabilities: bool = False) -> None:
         self.threads = threads or torch.get_num_threads()
         self.device = torch.device(device)
         self.card, self.model = load_model(model, device=device)
@@ -118,6 +138,7 @@ class Predictor:
         self.std = torch.tensor(self.card.std, dtype=torch.float32, device=self.device)[:, None, None]
         self.bf16 = precision == "bf16"
         self.tta = tta
+        self.keep_probabilities = keep_probabilities
         self.stores = Stores(run_dir)
         self.grid = grid
         self.tiles = tiles
@@ -143,8 +164,10 @@ class Predictor:
         return [result for i in tile_ids for result in self._batch([i])]
 
     @torch.inference_mode()
-    def _predict(self, image: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """On the forward thread: raw tiles padded to the batch size → class ids and confidence, 0 where invalid.
+    def _predict(self, image: np.ndarray, valid: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """On the forward thread: raw tiles padded to the batch size → class ids, confidence, margin and (if
+        kept) per-class probabilities (N x classes x H x W), all uint8 and 0 where invalid.
 
         Normalised exactly as :meth:`ModelCard.normalise` and :func:`prepare` do (the same float32 operations)."""
         n = image.shape[0]
@@ -156,15 +179,18 @@ class Predictor:
             ok = ok.pin_memory().to(self.device, non_blocking=True)
         x = raw.to(torch.float32).mul_(self.scale).sub_(self.mean).div_(self.std)
         x.masked_fill_(~ok[:, None], 0.0)
-        classes, conf = predict(self.model, x, self.class_ids, self.bf16, self.tta)
-        classes, conf = classes.masked_fill_(~ok, 0), conf.masked_fill_(~ok, 0)
-        return classes[:n].cpu().numpy(), conf[:n].cpu().numpy()
+        p = probabilities(self.model, x, self.bf16, self.tta)
+        classes, conf = classify(p, self.class_ids)
+        rasters = [a.masked_fill_(~ok, 0)[:n].cpu().numpy() for a in (classes, conf, margin(p))]
+        probs = to_uint8(p).masked_fill_(~ok[:, None], 0)[:n].cpu().numpy() if self.keep_probabilities else None
+        return rasters[0], rasters[1], rasters[2], probs
 
     def _run(self, tile_ids: list[int]) -> None:
         image, valid = self.stores.read_tiles(tile_ids)
-        classes, conf = self._forward.submit(self._predict, image, valid).result()
+        classes, conf, margins, probs = self._forward.submit(self._predict, image, valid).result()
         h = self.grid.halo
         for k, tile_id in enumerate(tile_ids):
             rows, cols = self.grid.core_window(*(int(v) for v in self.tiles[tile_id]))
             core = (slice(h, h + rows.stop - rows.start), slice(h, h + cols.stop - cols.start))
-            self.stores.write_prediction(rows, cols, classes[k][core], conf[k][core])
+            self.stores.write_prediction(rows, cols, classes[k][core], conf[k][core], margins[k][core],
+                                         None if probs is None else probs[k][(slice(None), *core)])

@@ -1,9 +1,10 @@
-"""The mosaic stage: predictions.zarr → ``classes`` and ``confidence`` Cloud Optimized GeoTIFFs, built by Ray tasks.
+"""The mosaic stage: predictions.zarr → ``classes``, ``confidence`` and ``margin`` Cloud Optimized GeoTIFFs, built
+by Ray tasks.
 
 A COG is cut into parts of ``BLOCK * 2**K`` px square, so that every tile of levels 0..K (full resolution
 and the first K overviews) falls inside one part. A Ray task per part reads its window of the store (plus
 the few pixels beyond it that odd-sized overviews reach), computes those levels (``overviews.py``: the
-pixels GDAL's COG driver computes), deflates every tile of both rasters and counts the classes. Then one
+pixels GDAL's COG driver computes), deflates every tile of every raster and counts the classes. Then one
 assembly task per raster computes the coarsest levels from the parts' level K, writes the header and IFDs
 and then the tiles in COG order (``cog.py``), and publishes the file with one rename or upload, so a reader
 never sees a half-written mosaic. Tasks get only a handle on the store (``store.Predictions``: its URL and
@@ -11,8 +12,8 @@ chunk shape; ``store.py`` alone knows how its chunks are laid out) and a window;
 from part to assembly through Ray's object store, and only the class counts reach the driver.
 
 A raster of more than ``grid_above`` pixels (default ``GRID_ABOVE_PX``) becomes a grid of COGs of ``cell``
-px (``classes/ROW_COL.tif``, ``confidence/ROW_COL.tif``) and a GDAL VRT over each grid (``classes.vrt``,
-``confidence.vrt``, relative paths, with the colour table and tags), which GDAL and QGIS open as one
+px (``classes/ROW_COL.tif``, ``confidence/ROW_COL.tif``, ...) and a GDAL VRT over each grid (``classes.vrt``,
+``confidence.vrt``, ``margin.vrt``, relative paths, with the colour table and tags), which GDAL and QGIS open as one
 raster: no single file grows past what one task writes, and the cells are assembled in parallel.
 """
 
@@ -44,6 +45,8 @@ CLASSES_TIF = "classes.tif"
 CONFIDENCE_TIF = "confidence.tif"
 CLASSES_VRT = "classes.vrt"
 CONFIDENCE_VRT = "confidence.vrt"
+MARGIN_DESCRIPTION = ("margin between the two most likely classes' probabilities x 255, at least 1: high = sure, "
+                      "1 = a tie; 0 = no data")
 BLOCK = cog.BLOCK
 GRID_ABOVE_PX = 2**30  # larger rasters become a grid of COGs: a single COG of 1 Gpx stays well under 4 GiB
 GRID_CELL = 16384  # px per side of a grid cell (268 Mpx): 16 parts of 4096 px
@@ -54,17 +57,19 @@ MAX_PART_LEVELS = 3  # a part is at most BLOCK * 2**3 = 4096 px square (16.7 Mpx
 
 @dataclass(frozen=True)
 class MosaicResult:
-    """What the mosaic wrote in RUN_DIR: the class and confidence rasters (``classes.tif`` and ``confidence.tif``,
-    or ``classes.vrt`` and ``confidence.vrt`` over grids of COGs), and the pixel count of each class id > 0."""
+    """What the mosaic wrote in RUN_DIR: the class, confidence and margin rasters (``classes.tif``,
+    ``confidence.tif`` and ``margin.tif``, or ``.vrt`` files over grids of COGs), and the pixel count of each
+    class id > 0."""
 
     classes: str
     confidence: str
     counts: dict[int, int]
+    margin: str = "margin.tif"
 
 
 @dataclass(frozen=True)
 class _Raster:
-    """One of the two rasters: its array in the store (also its file name), overview resampling, tags, colours."""
+    """One of the rasters: its array in the store (also its file name), overview resampling, tags, colours."""
 
     name: PredictionArray
     average: bool
@@ -94,7 +99,8 @@ class _Window:
 
 @dataclass(frozen=True)
 class _Part:
-    """A part's result: tile sizes per raster and level (0..K), class counts, and level K of each raster."""
+    """A part's result: tile sizes per raster and level (0..K), class counts, and level K of each raster (its
+    tiles' bytes are the part task's other results, one per raster)."""
 
     sizes: dict[str, list[cog.Sizes]]
     counts: Counts
@@ -133,14 +139,14 @@ def _part_levels(shapes: list[tuple[int, int]], wanted: int) -> int:
 
 
 def output_bytes(grid: Grid) -> int:
-    """An upper estimate of the two rasters' size, checked against the free space before the mosaic starts: one
+    """An upper estimate of the three rasters' size, checked against the free space before the mosaic starts: one
     byte per pixel each, uncompressed, plus a third for the overviews (deflate only makes them smaller)."""
-    return 2 * grid.width * grid.height * 4 // 3 + 2**20
+    return 3 * grid.width * grid.height * 4 // 3 + 2**20
 
 
 def mosaic(run_dir: str, grid: Grid, card: ModelCard, tags: dict[str, str], *, grid_above: int = GRID_ABOVE_PX,
            cell: int = GRID_CELL, part_levels: int | None = None, progress: bool = False) -> MosaicResult:
-    """Write the class and confidence rasters into RUN_DIR from its predictions.zarr (Ray must be up).
+    """Write the class, confidence and margin rasters into RUN_DIR from its predictions.zarr (Ray must be up).
 
     ``part_levels`` overrides :func:`default_part_levels` (the output is the same; tests use it to make many
     small parts). ``cell`` must be a multiple of ``BLOCK``.
@@ -153,12 +159,13 @@ def mosaic(run_dir: str, grid: Grid, card: ModelCard, tags: dict[str, str], *, g
         _Raster("confidence", True, tuple({"SCALE": "1/255",
                                            "DESCRIPTION": "max softmax probability x 255; 0 = no data",
                                            **tags}.items()), None),
+        _Raster("margin", True, tuple({"SCALE": "1/255", "DESCRIPTION": MARGIN_DESCRIPTION, **tags}.items()), None),
     )
     predictions = open_predictions(run_dir)
     if grid.width * grid.height <= grid_above:
         counts = _run([(_window(predictions, grid, 0, 0, grid.height, grid.width, part_levels),
                         [storage.join(run_dir, f"{r.name}.tif") for r in rasters])], rasters)
-        return MosaicResult(CLASSES_TIF, CONFIDENCE_TIF, counts)
+        return MosaicResult(CLASSES_TIF, CONFIDENCE_TIF, counts, "margin.tif")
     cells = [(_window(predictions, grid, r0, c0, min(cell, grid.height - r0), min(cell, grid.width - c0), part_levels),
               f"{r0 // cell}_{c0 // cell}.tif")
              for r0 in range(0, grid.height, cell) for c0 in range(0, grid.width, cell)]
@@ -166,7 +173,7 @@ def mosaic(run_dir: str, grid: Grid, card: ModelCard, tags: dict[str, str], *, g
                   progress)
     for r in rasters:
         storage.write_bytes(storage.join(run_dir, f"{r.name}.vrt"), _vrt(grid, r, cells))
-    return MosaicResult(CLASSES_VRT, CONFIDENCE_VRT, counts)
+    return MosaicResult(CLASSES_VRT, CONFIDENCE_VRT, counts, "margin.vrt")
 
 
 def _window(predictions: Predictions, grid: Grid, row: int, col: int, height: int, width: int,
@@ -181,7 +188,7 @@ def _run(windows: Sequence[tuple[_Window, list[str]]], rasters: Sequence[_Raster
          ) -> dict[int, int]:
     """Parts then assembly of every window, a few windows at a time (bounded memory in the object store)."""
     env = {"env_vars": storage.task_env()}
-    part = ray.remote(_part_task).options(num_returns=3, num_cpus=1, max_retries=2, runtime_env=env)
+    part = ray.remote(_part_task).options(num_returns=1 + len(rasters), num_cpus=1, max_retries=2, runtime_env=env)
     assemble = ray.remote(_assemble_task).options(num_cpus=1, max_retries=2, runtime_env=env)
     if len(windows) == 1 and windows[0][0].height * windows[0][0].width <= ONE_TASK_PX:
         whole = ray.remote(_whole_task).options(num_cpus=1, max_retries=2, runtime_env=env)
@@ -195,12 +202,12 @@ def _run(windows: Sequence[tuple[_Window, list[str]]], rasters: Sequence[_Raster
         rows, cols = window.parts
         side = BLOCK << window.part_levels
         refs: list[list[ray.ObjectRef[Any]]] = [[] for _ in range(rows * cols)]
-        # largest parts first, so that the last to finish are small; three results each: the part's sizes and
-        # counts, then each raster's tiles
+        # largest parts first, so that the last to finish are small; a result per raster and one more each: the
+        # part's sizes and counts, then each raster's tiles
         for k in sorted(range(rows * cols), key=lambda k: -min(side, window.height - k // cols * side)
                         * min(side, window.width - k % cols * side)):
-            # num_returns=3: a list of three refs, which ray's annotations cannot express
-            refs[k] = cast(list[ray.ObjectRef[Any]], part.remote(window, *divmod(k, cols)))
+            # num_returns > 1: a list of refs, which ray's annotations cannot express
+            refs[k] = cast(list[ray.ObjectRef[Any]], part.remote(window, rasters, *divmod(k, cols)))
         metas = [r[0] for r in refs]
         in_flight.append([assemble.remote(window, raster, url, len(refs), *metas, *[r[1 + k] for r in refs])
                           for k, (raster, url) in enumerate(zip(rasters, urls, strict=True))])
@@ -218,7 +225,7 @@ def _whole_task(window: _Window, rasters: Sequence[_Raster], urls: Sequence[str]
     """Parts and assembly of a small raster in one task: in a warm worker (the tile readers'), which costs
     less than starting the workers that parallel parts would need; its class counts."""
     rows, cols = window.parts
-    parts = [_part_task(window, *divmod(k, cols)) for k in range(rows * cols)]
+    parts = [_part_task(window, rasters, *divmod(k, cols)) for k in range(rows * cols)]
     metas = [p[0] for p in parts]
     counts = [_assemble_task(window, raster, url, len(parts), *metas, *[p[1 + k] for p in parts])
               for k, (raster, url) in enumerate(zip(rasters, urls, strict=True))]
@@ -285,7 +292,8 @@ def class_counts(classes: ClassMap) -> Counts:
     return counts
 
 
-def _part_task(window: _Window, row: int, col: int) -> tuple[_Part, npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+def _part_task(window: _Window, rasters: Sequence[_Raster], row: int, col: int
+               ) -> tuple[_Part, *tuple[npt.NDArray[np.uint8], ...]]:
     """Read one part of the store, compute its levels and deflate their tiles (a Ray task)."""
     shapes = level_shapes(window.height, window.width, BLOCK)
     owned = _owned(shapes, window.part_levels, row, col)
@@ -295,8 +303,8 @@ def _part_task(window: _Window, row: int, col: int) -> tuple[_Part, npt.NDArray[
     blobs: list[npt.NDArray[np.uint8]] = []  # each raster's deflated tiles, end to end
     coarse: dict[str, Band] = {}
     counts = np.zeros(256, np.int64)
-    rasters: tuple[tuple[PredictionArray, bool], ...] = (("classes", False), ("confidence", True))
-    for name, average in rasters:
+    for raster in rasters:
+        name, average = raster.name, raster.average
         band = window.predictions.read(name, (window.row + r0, window.row + r1), (window.col + c0, window.col + c1))
         levels = pyramid_part(band, shapes, owned, need, average)
         if name == "classes":
@@ -306,7 +314,7 @@ def _part_task(window: _Window, row: int, col: int) -> tuple[_Part, npt.NDArray[
                        for lvl, (_, s) in zip(levels, pieces, strict=True)]
         blobs.append(np.concatenate([b for b, _ in pieces]))
         coarse[name] = levels[-1] if window.part_levels < len(shapes) - 1 else np.zeros((0, 0), np.uint8)
-    return _Part(sizes, counts, coarse), blobs[0], blobs[1]
+    return _Part(sizes, counts, coarse), *blobs
 
 
 def _tile_order(window: _Window, parts: Sequence[_Part], name: str, lv: int) -> Iterator[tuple[int, int, int]]:

@@ -96,6 +96,8 @@ class RunPlan:
     warnings: tuple[str, ...]
     tta: bool = False
     """Test-time augmentation: the softmax averaged over each tile's flips and quarter turns (``infer``)."""
+    probabilities: bool = False
+    """Whether the run also writes per-class probabilities (``probabilities.tif``)."""
 
     @property
     def tile_count(self) -> int:
@@ -127,6 +129,7 @@ class RunPlan:
             vectorise=VectoriseSettings(**d["vectorise"]),
             warnings=tuple(d["warnings"]),
             tta=d.get("tta", False),  # plans written before test-time augmentation ran without it
+            probabilities=d.get("probabilities", False),  # as did those written before probabilities.tif
         )
 
     def same_work(self, other: RunPlan) -> bool:

@@ -245,6 +245,7 @@ def make_plan(config: RunConfig, use_gpu: bool = False) -> RunPlan:
         vectorise=config.vectorise,
         warnings=tuple(warnings),
         tta=config.tta,
+        probabilities=config.probabilities,
     )
 
 
@@ -350,7 +351,8 @@ def describe(plan: RunPlan) -> str:
     counts = per_tile.sum(axis=1)
     lines = [
         f"model     {plan.model_name} {plan.model_version} ({plan.model})"
-        + (", test-time augmentation (8 flips and turns)" if plan.tta else ""),
+        + (", test-time augmentation (8 flips and turns)" if plan.tta else "")
+        + (", per-class probabilities" if plan.probabilities else ""),
         f"grid      {name}, {g.res:g} m pixels, {g.width} x {g.height} px, origin ({g.left:.2f}, {g.top:.2f})",
         f"tiles     {plan.tile_count} of {g.tile_size} px + {g.halo} px halo (input {g.input_size} px), "
         f"{g.tile_rows} x {g.tile_cols} tile grid",

@@ -106,6 +106,10 @@ class Outputs:
     predictions_store: str
     provenance: str | None = None
     """``provenance.tif``: where each pixel came from (``composite.py``); None in reports made before it."""
+    margin: str | None = None
+    """``margin.tif`` (or ``.vrt``): the two most likely classes' probability difference; None before it."""
+    probabilities: str | None = None
+    """``probabilities.tif``: every class's probability, in runs with ``--probabilities``; else None."""
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ _SECRET_MARKS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "USERPWD", "BEA
 # what geoseg writes in a RUN_DIR, and all that --overwrite removes from it: a user's other files stay
 RUN_OUTPUTS = ("plan.json", "ledger.json", "ledger.d", "tiles.zarr", "predictions.zarr", "classes.tif",
                "classes.vrt", "classes", "confidence.tif", "confidence.vrt", "confidence", "landcover.gpkg",
-               "report.json", "evaluation.json", "provenance.tif", "masks", "report.html", "quicklook.png")
+               "margin.tif", "margin.vrt", "margin", "probabilities.tif", "report.json", "evaluation.json",
+               "provenance.tif", "masks", "report.html", "quicklook.png")
 
 
 def is_remote(url: str) -> bool:

@@ -2,9 +2,10 @@
 
 ``tiles.zarr`` holds one chunk per tile and array: ``image`` (tile, band, y, x) in the scene's raw
 dtype and ``valid`` (tile, y, x), each tile's square already including its halo, so a tile is
-predicted from its own chunk alone. ``predictions.zarr`` is a georeferenced raster (``classes`` and
-``confidence``, y, x) chunked exactly by tile core, so every tile writes one chunk and no two tiles
-write the same one. Both carry CRS and transform in their attributes (GeoZarr's ``proj:`` convention in
+predicted from its own chunk alone. ``predictions.zarr`` is a georeferenced raster (``classes``,
+``confidence`` and ``margin``, y, x) chunked exactly by tile core, so every tile writes one chunk and no two
+tiles write the same one; a run with ``probabilities`` also has ``probabilities`` (class, y, x), one chunk of
+every class's band per tile core. Both carry CRS and transform in their attributes (GeoZarr's ``proj:`` convention in
 both, its ``spatial:`` one for ``predictions.zarr``'s rasters); ``predictions.zarr`` also has ``x``/``y``
 coordinates and a CF ``spatial_ref`` so xarray/rioxarray open it georeferenced, and the ``provenance`` raster
 (uint16, ``composite.py``), written by the tile readers through zarr.
@@ -46,9 +47,10 @@ PREDICTIONS = "predictions.zarr"
 TILE_CODEC = None
 PREDICTION_CODEC = ZstdCodec(level=0, checksum=False)  # zarr's default, written here by PREDICTION_ZSTD
 PREDICTION_ZSTD = Zstd(level=0)
-PredictionArray = Literal["classes", "confidence"]
-PREDICTION_ARRAYS: tuple[PredictionArray, ...] = ("classes", "confidence")
+PredictionArray = Literal["classes", "confidence", "margin"]
+PREDICTION_ARRAYS: tuple[PredictionArray, ...] = ("classes", "confidence", "margin")
 PROVENANCE = "provenance"
+PROBABILITIES = "probabilities"
 # GeoZarr's conventions for georeferencing (zarr-conventions geo-proj and spatial), registered as they ask
 _PROJ: dict[str, JSON] = {
     "schema_url": "https://raw.githubusercontent.com/zarr-experimental/geo-proj/refs/tags/v1/schema.json",
@@ -99,8 +101,10 @@ def _geozarr(grid: Grid) -> dict[str, JSON]:
             "spatial:bbox": [min(xs), min(ys), max(xs), max(ys)], "spatial:registration": "pixel"}
 
 
-def create(run_dir: str, grid: Grid, tiles: TileIndex, bands: tuple[str, ...], dtype: str) -> None:
-    """Create both stores' metadata before any tile is written (idempotent for an existing run)."""
+def create(run_dir: str, grid: Grid, tiles: TileIndex, bands: tuple[str, ...], dtype: str,
+           probabilities: int = 0) -> None:
+    """Create both stores' metadata before any tile is written (idempotent for an existing run); with
+    ``probabilities`` classes, also the per-class probabilities raster."""
     s = grid.input_size
     n = int(tiles.shape[0])
     tiles_url = storage.join(run_dir, TILES)
@@ -124,11 +128,8 @@ def create(run_dir: str, grid: Grid, tiles: TileIndex, bands: tuple[str, ...], d
         g = _open(pred_url, "w")
         g.attrs.update({**_georef(grid), **_geozarr(grid)})
         t = grid.transform
-        for name in PREDICTION_ARRAYS:
-            g.create_array(name, shape=(grid.height, grid.width), chunks=(grid.tile_size, grid.tile_size),
-                           compressors=PREDICTION_CODEC,
-                           dtype="uint8", fill_value=0, dimension_names=("y", "x"),
-                           attributes={"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", **_geozarr(grid)})
+        for name in PREDICTION_ARRAYS[:2]:
+            _raster(g, grid, name)
         g.create_array("x", shape=(grid.width,), dtype="float64", dimension_names=("x",))[:] = \
             t.c + (np.arange(grid.width) + 0.5) * t.a
         g.create_array("y", shape=(grid.height,), dtype="float64", dimension_names=("y",))[:] = \
@@ -136,11 +137,25 @@ def create(run_dir: str, grid: Grid, tiles: TileIndex, bands: tuple[str, ...], d
         ref = g.create_array("spatial_ref", shape=(), dtype="int32", dimension_names=())
         ref.attrs.update({"crs_wkt": grid.crs, "spatial_ref": grid.crs,
                           "GeoTransform": " ".join(str(v) for v in (t.c, t.a, t.b, t.f, t.d, t.e))})
-    if not storage.exists(storage.join(pred_url, PROVENANCE, "zarr.json")):  # also added to runs made before it
+    # also added to runs made before them
+    if not storage.exists(storage.join(pred_url, "margin", "zarr.json")):
+        _raster(_open(pred_url, "r+"), grid, "margin")
+    if not storage.exists(storage.join(pred_url, PROVENANCE, "zarr.json")):
+        _raster(_open(pred_url, "r+"), grid, PROVENANCE, "uint16")
+    if probabilities and not storage.exists(storage.join(pred_url, PROBABILITIES, "zarr.json")):
+        side = grid.tile_size
         _open(pred_url, "r+").create_array(
-            PROVENANCE, shape=(grid.height, grid.width), chunks=(grid.tile_size, grid.tile_size), dtype="uint16",
-            fill_value=0, dimension_names=("y", "x"), compressors=PREDICTION_CODEC,
-            attributes={"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", **_geozarr(grid)})
+            PROBABILITIES, shape=(probabilities, grid.height, grid.width), chunks=(probabilities, side, side),
+            dtype="uint8", fill_value=0, dimension_names=("class", "y", "x"), compressors=PREDICTION_CODEC,
+            attributes={"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", **_geozarr(grid),
+                        "spatial:dimensions": ["class", "y", "x"]})
+
+
+def _raster(group: zarr.Group, grid: Grid, name: str, dtype: str = "uint8") -> None:
+    """A (y, x) raster of ``predictions.zarr`` chunked by tile core, georeferenced (no data 0)."""
+    group.create_array(name, shape=(grid.height, grid.width), chunks=(grid.tile_size, grid.tile_size), dtype=dtype,
+                       fill_value=0, dimension_names=("y", "x"), compressors=PREDICTION_CODEC,
+                       attributes={"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", **_geozarr(grid)})
 
 
 def _prediction_key(name: str, row: int, col: int) -> str:
@@ -189,15 +204,22 @@ class Stores:
         """Write one tile core's provenance (exactly one chunk), from the tile reader that composited it."""
         self.provenance[rows, cols] = provenance
 
-    def write_prediction(self, rows: slice, cols: slice, classes: ClassMap, confidence: Confidence) -> None:
-        """Write one tile core's class ids and confidence (exactly one chunk of each array), encoded here as
-        zarr would (zstd of the chunk padded to full size with 0) without its per-call overhead."""
+    def write_prediction(self, rows: slice, cols: slice, classes: ClassMap, confidence: Confidence, margin: Confidence,
+                         probabilities: npt.NDArray[np.uint8] | None = None) -> None:
+        """Write one tile core's class ids, confidence, margin and (class, y, x) probabilities where given
+        (exactly one chunk of each array), encoded here as zarr would (zstd of the chunk padded to full size
+        with 0) without its per-call overhead."""
         side = self.classes.chunks[0]
-        for name, values in (("classes", classes), ("confidence", confidence)):
-            chunk = np.zeros((side, side), np.uint8)
-            chunk[:values.shape[0], :values.shape[1]] = values
-            encoded = np.frombuffer(PREDICTION_ZSTD.encode(chunk), np.uint8)
-            key = _prediction_key(name, rows.start // side, cols.start // side)
+        planes: list[tuple[str, npt.NDArray[np.uint8]]] = [
+            ("classes", classes[None]), ("confidence", confidence[None]), ("margin", margin[None])]
+        if probabilities is not None:
+            planes.append((PROBABILITIES, probabilities))
+        row, col = rows.start // side, cols.start // side
+        for name, values in planes:
+            chunk = np.zeros((values.shape[0], side, side), np.uint8)
+            chunk[:, :values.shape[1], :values.shape[2]] = values
+            encoded = np.frombuffer(PREDICTION_ZSTD.encode(chunk), np.uint8)  # 1 x side x side: a 2-D chunk's bytes
+            key = f"{name}/c/0/{row}/{col}" if name == PROBABILITIES else _prediction_key(name, row, col)
             storage.write_chunk(storage.join(self.predictions_url, key), encoded)
 
 
@@ -210,8 +232,8 @@ class Predictions:
     chunks: tuple[int, int] | None  # the rasters' chunk shape where :meth:`read` decodes chunk files itself
 
     def read(self, name: PredictionArray, rows: tuple[int, int], cols: tuple[int, int]) -> ClassMap:
-        """Rows ``rows`` x columns ``cols`` (start, stop) of raster ``name`` (classes or confidence, both
-        uint8), any window inside the raster; unwritten chunks read as 0 (no data).
+        """Rows ``rows`` x columns ``cols`` (start, stop) of raster ``name`` (classes, confidence or margin,
+        all uint8), any window inside the raster; unwritten chunks read as 0 (no data).
 
         Chunk files are fetched in one batch (concurrently from an object store) and decoded in this thread:
         zarr's own reader hands every chunk to a thread of its event loop, which on a tile-sized chunk costs
@@ -233,6 +255,13 @@ class Predictions:
             zstd.decode(raw, out=tiles[keys[path]])
         band = tiles.transpose(0, 2, 1, 3).reshape(tiles.shape[0] * ch, tiles.shape[1] * cw)
         return band[r0 - i0 * ch:r1 - i0 * ch, c0 - j0 * cw:c1 - j0 * cw]
+
+
+def read_probabilities(run_dir: str, rows: tuple[int, int], cols: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """A window (class, y, x) of the run's probabilities raster (through zarr: it is read once, for
+    ``probabilities.tif``)."""
+    (r0, r1), (c0, c1) = rows, cols
+    return np.asarray(_open_array(storage.join(run_dir, PREDICTIONS), PROBABILITIES)[:, r0:r1, c0:c1], np.uint8)
 
 
 def read_provenance(run_dir: str, rows: tuple[int, int], cols: tuple[int, int]) -> npt.NDArray[np.uint16]:
