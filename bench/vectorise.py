@@ -4,7 +4,7 @@ Builds a class raster of at least 10000 x 10000 px from real class rasters (the 
 predictions over the Strzegom scenes, or their real label rasters when no model is shipped), mirrored tile
 by tile so that regions run on across the tiles' seams, then runs each method in its own process:
 
-* ``blockwise-1`` / ``blockwise-2``: ``geoseg.vectorise.vectorise`` with Ray started with 1 / 2 CPUs,
+* ``blockwise-1`` / ``blockwise-2``: ``geoseg.polygonise.vectorise`` with Ray started with 1 / 2 CPUs,
 * ``rasterio-whole``: one ``rasterio.features.shapes`` call over the whole raster, written with pyogrio,
 * ``gdal_polygonize``: GDAL's ``gdal_polygonize.py`` (Debian's gdal-bin), or "not installed".
 
@@ -84,7 +84,7 @@ def run_method(method: str, raster: str, out: Path, block_size: int, workdir: Pa
         import ray
 
         from geoseg.cluster import connect
-        from geoseg.vectorise import vectorise
+        from geoseg.polygonise import vectorise
 
         t0 = time.perf_counter()
         connect(num_cpus=int(method[-1]), temp_dir=str(workdir / "ray"))  # as geoseg starts its local Ray

@@ -11,20 +11,23 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from geoseg.api import Result, evaluate, open_run, rerun, run, status, vectorise
     from geoseg.config import ExecutionSettings, RunConfig, VectoriseSettings
     from geoseg.errors import ConfigError, GeosegError, PlanMismatchError, RunDirError, SceneError
     from geoseg.results import RunReport, RunStatus, TileOutcome
-    from geoseg.runtime import Observer, rerun, run, status
+    from geoseg.runtime import Observer
 
 _EXPORTS = {
-    "run": "geoseg.runtime", "rerun": "geoseg.runtime", "status": "geoseg.runtime", "Observer": "geoseg.runtime",
+    "run": "geoseg.api", "rerun": "geoseg.api", "status": "geoseg.api", "open_run": "geoseg.api",
+    "vectorise": "geoseg.api", "evaluate": "geoseg.api", "Result": "geoseg.api", "Observer": "geoseg.runtime",
     "RunConfig": "geoseg.config", "ExecutionSettings": "geoseg.config", "VectoriseSettings": "geoseg.config",
     "RunReport": "geoseg.results", "RunStatus": "geoseg.results", "TileOutcome": "geoseg.results",
     "GeosegError": "geoseg.errors", "ConfigError": "geoseg.errors", "SceneError": "geoseg.errors",
     "PlanMismatchError": "geoseg.errors", "RunDirError": "geoseg.errors",
 }
 __all__ = [
-    "__version__", "run", "rerun", "status", "Observer", "RunConfig", "ExecutionSettings", "VectoriseSettings",
+    "__version__", "run", "rerun", "status", "open_run", "vectorise", "evaluate", "Result", "Observer", "RunConfig",
+    "ExecutionSettings", "VectoriseSettings",
     "RunReport", "RunStatus", "TileOutcome", "GeosegError", "ConfigError", "SceneError", "PlanMismatchError",
     "RunDirError",
 ]

@@ -16,7 +16,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from geoseg import storage
-from geoseg.config import ExecutionSettings, RunConfig, VectoriseSettings
+from geoseg.config import ExecutionSettings, RunConfig, VectoriseSettings, absolute
 from geoseg.errors import ConfigError
 from geoseg.results import RunReport, RunStatus, TileOutcome
 
@@ -93,26 +93,41 @@ def _split(settings: Mapping[str, Any], *groups: Iterable[str]) -> list[dict[str
     return [{k: v for k, v in settings.items() if k in g} for g in known]
 
 
-def run(scenes: Iterable[str] = (), out: str = "", *, overwrite: bool = False, observer: Observer | None = None,
+def run(scenes: Iterable[str] = (), out: str = "", *, config: RunConfig | None = None,
+        execution: ExecutionSettings | None = None, overwrite: bool = False, observer: Observer | None = None,
         **settings: Any) -> Result:
     """Plan (or reuse the identical plan in ``out``) and run; e.g. ``geoseg.run(scenes=["a.tif"], out="runs/a")``
-    or ``geoseg.run(stac=URL, region_wkt=..., datetime="2023-06-01/2023-08-31", out="runs/b")``."""
+    or ``geoseg.run(stac=URL, region_wkt=..., datetime="2023-06-01/2023-08-31", out="runs/b")``. The settings
+    come by name, or made already as ``config`` and ``execution`` (what the CLI does), not both."""
     from geoseg import runtime
 
-    config, execution, vectorise = _split(settings, _RUN, _EXECUTION, _VECTORISE)
-    run_config = RunConfig(scenes=tuple(scenes), out=out.rstrip("/"), vectorise=VectoriseSettings(**vectorise),
-                           **config)
-    report = runtime.run(run_config, ExecutionSettings(**execution), overwrite=overwrite, observer=observer)
-    return Result(run_config.out, report)
+    run_kw, execution_kw, vectorise_kw = _split(settings, _RUN, _EXECUTION, _VECTORISE)
+    if config is None:
+        config = RunConfig(scenes=tuple(scenes), out=out.rstrip("/"), vectorise=VectoriseSettings(**vectorise_kw),
+                           **run_kw)
+    elif run_kw or vectorise_kw or tuple(scenes) or out:
+        raise ConfigError("give the run's settings either as config= or by name, not both")
+    execution = _execution(execution, execution_kw)
+    return Result(config.out, runtime.run(config, execution, overwrite=overwrite, observer=observer))
 
 
-def rerun(run_dir: str, *, observer: Observer | None = None, **execution: Any) -> Result:
-    """Redo only the tiles not done, with the run's own plan; ``execution`` as for :func:`run` (actors, ...)."""
+def rerun(run_dir: str, *, execution: ExecutionSettings | None = None, observer: Observer | None = None,
+          **settings: Any) -> Result:
+    """Redo only the tiles not done, with the run's own plan; execution settings by name (``actors=2``) or
+    as ``execution``."""
     from geoseg import runtime
 
-    (settings,) = _split(execution, _EXECUTION)
-    run_dir = run_dir.rstrip("/")
-    return Result(run_dir, runtime.rerun(run_dir, ExecutionSettings(**settings), observer=observer))
+    (execution_kw,) = _split(settings, _EXECUTION)
+    run_dir = absolute(run_dir.rstrip("/"))
+    return Result(run_dir, runtime.rerun(run_dir, _execution(execution, execution_kw), observer=observer))
+
+
+def _execution(given: ExecutionSettings | None, by_name: dict[str, Any]) -> ExecutionSettings:
+    if given is None:
+        return ExecutionSettings(**by_name)
+    if by_name:
+        raise ConfigError("give the execution settings either as execution= or by name, not both")
+    return given
 
 
 def status(run_dir: str) -> RunStatus:
@@ -126,16 +141,16 @@ def open_run(run_dir: str) -> Result:
     """A finished run's result, from its ``report.json``."""
     from geoseg import runtime
 
-    run_dir = run_dir.rstrip("/")
+    run_dir = absolute(run_dir.rstrip("/"))
     return Result(run_dir, runtime.load_report(run_dir))
 
 
 def vectorise(classes: str, out: str, *, legend: str | Mapping[int, str] | None = None,
-              ray_address: str | None = None, **settings: Any) -> dict[str, float]:
+              ray_address: str | None = None, progress: bool = False, **settings: Any) -> dict[str, float]:
     """Polygonise a class raster into a GeoPackage (``VectoriseSettings`` by name); area per class in m2."""
     from geoseg.cluster import connect
-    from geoseg.vectorise import load_legend
-    from geoseg.vectorise import vectorise as polygonise
+    from geoseg.polygonise import load_legend
+    from geoseg.polygonise import vectorise as polygonise
 
     (given,) = _split(settings, _VECTORISE)
     v = VectoriseSettings(**given)
@@ -143,20 +158,23 @@ def vectorise(classes: str, out: str, *, legend: str | Mapping[int, str] | None 
         connect(ray_address)
     names = load_legend(legend) if isinstance(legend, str) else legend
     return polygonise(classes, out, names, block_size=v.block_size, connectivity=v.connectivity,
-                      min_area_m2=v.min_area_m2, simplify_m=v.simplify_m)
+                      min_area_m2=v.min_area_m2, simplify_m=v.simplify_m, progress=progress)
 
 
 def evaluate(run_dir: str, reference: str, ignore: int | None = 0) -> dict[str, Any]:
     """Compare a run's class map with reference labels (confusion matrix, IoU per class, mIoU, overall
-    accuracy); also written as ``evaluation.json`` in RUN_DIR."""
-    from geoseg.evaluate import evaluate_rasters
+    accuracy, and where the run has its confidence raster, the calibration: ``ece``); also written as
+    ``evaluation.json`` in RUN_DIR."""
+    from geoseg.accuracy import evaluate_rasters
     from geoseg.model.checkpoint import load_card
-    from geoseg.mosaic import class_raster
+    from geoseg.mosaic import CONFIDENCE_TIF, CONFIDENCE_VRT, class_raster
     from geoseg.plan import load_plan
 
     run_dir = run_dir.rstrip("/")
     card = load_card(load_plan(run_dir).model)
-    result = evaluate_rasters(class_raster(run_dir), reference, ignore=ignore,
-                              names={c.id: c.name for c in card.classes})
+    classes = class_raster(run_dir)
+    confidence = storage.join(run_dir, CONFIDENCE_VRT if classes.endswith(".vrt") else CONFIDENCE_TIF)
+    result = evaluate_rasters(classes, reference, ignore=ignore, names={c.id: c.name for c in card.classes},
+                              confidence_tif=confidence if storage.exists(confidence) else None)
     storage.write_bytes(storage.join(run_dir, "evaluation.json"), json.dumps(result, indent=2).encode())
     return result

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from geoseg.accuracy import confusion_matrix, summarise
 from geoseg.arrays import Mask
 from geoseg.datasets import ChipSampler, augment
-from geoseg.evaluate import confusion_matrix, summarise
 from geoseg.infer import probabilities
 from geoseg.model import SHIPPED
 from geoseg.model.card import ModelCard

@@ -54,6 +54,8 @@ from geoseg.model.checkpoint import load_card
 from geoseg.mosaic import MosaicResult, mosaic, output_bytes
 from geoseg.plan import RunPlan, load_plan, save_plan
 from geoseg.planner import make_plan, region_in
+from geoseg.polygonise import vectorise
+from geoseg.probabilities import write_probabilities
 from geoseg.progress import advance, bar
 from geoseg.provenance import write_provenance
 from geoseg.report import write_views
@@ -69,7 +71,6 @@ from geoseg.results import (
 )
 from geoseg.scenes import check_unchanged
 from geoseg.tile import TileJob, run_tiles
-from geoseg.vectorise import vectorise
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,8 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     card = load_card(plan.model)
     ledger = load_ledger(run_dir, plan.tile_count)
     ledger.execution_id = lease.execution_id
-    store.create(run_dir, plan.grid, plan.tiles, card.bands, card.input_dtype)
+    store.create(run_dir, plan.grid, plan.tiles, card.bands, card.input_dtype,
+                 len(card.classes) if plan.probabilities else 0)
     connect(execution.ray_address)
     todo = ledger.not_done()
     ledger.failed.clear()  # every tile not done is tried again
@@ -227,15 +229,18 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
     lease.check()  # outputs are published only by the driver that still holds RUN_DIR
     _check_space(run_dir, plan)
     tags = {"GEOSEG_RUN_ID": plan.run_id, "GEOSEG_MODEL": f"{plan.model_name} {plan.model_version}"}
-    provenance = ray.remote(write_provenance).options(num_cpus=1, runtime_env={"env_vars": storage.task_env()}
-                                                      ).remote(run_dir, plan.grid, plan.composite, tags)
+    task = {"num_cpus": 1, "runtime_env": {"env_vars": storage.task_env()}}
+    provenance = ray.remote(write_provenance).options(**task).remote(run_dir, plan.grid, plan.composite, tags)
+    probabilities = (ray.remote(write_probabilities).options(**task).remote(run_dir, plan.grid, card, tags)
+                     if plan.probabilities else None)
     rasters = mosaic(run_dir, plan.grid, card, tags, progress=execution.progress)
     provenance_file: str = ray.get(provenance)  # beside the mosaic's tasks: one COG copy of the store's raster
+    probabilities_file: str | None = None if probabilities is None else ray.get(probabilities)  # likewise
     t_mosaic = time.perf_counter() - t0
     observer.stage_done("mosaic")
 
     t0 = time.perf_counter()
-    areas = _vectorise(run_dir, plan, card, rasters)
+    areas = _vectorise(run_dir, plan, card, rasters, execution.progress)
     t_vector = time.perf_counter() - t0
     observer.stage_done("vectorise")
 
@@ -264,7 +269,8 @@ def execute(run_dir: str, plan: RunPlan, execution: ExecutionSettings, plan_s: f
         execution=settings,
         warnings=warnings,
         outputs=Outputs(classes=rasters.classes, confidence=rasters.confidence, polygons=GPKG_FILE,
-                        tiles_store=store.TILES, predictions_store=store.PREDICTIONS, provenance=provenance_file),
+                        tiles_store=store.TILES, predictions_store=store.PREDICTIONS, provenance=provenance_file,
+                        margin=rasters.margin, probabilities=probabilities_file),
         composite=plan.composite,
         items=_items_used(plan),
     )
@@ -308,7 +314,8 @@ def _check_space(run_dir: str, plan: RunPlan) -> None:
         storage.check_free_space(run_dir, output_bytes(plan.grid) + gpkg_bytes(plan), "the mosaic and GeoPackage")
 
 
-def _vectorise(run_dir: str, plan: RunPlan, card: ModelCard, rasters: MosaicResult) -> dict[str, float]:
+def _vectorise(run_dir: str, plan: RunPlan, card: ModelCard, rasters: MosaicResult, progress: bool
+               ) -> dict[str, float]:
     """Polygonise the class raster (classes.tif or classes.vrt) into landcover.gpkg, published whole: built beside
     the target and renamed over it in a local RUN_DIR, built in the local temp dir and uploaded for a store's."""
     v = plan.vectorise
@@ -320,6 +327,7 @@ def _vectorise(run_dir: str, plan: RunPlan, card: ModelCard, rasters: MosaicResu
             confidence_path=storage.join(run_dir, rasters.confidence), block_size=v.block_size,
             connectivity=v.connectivity, min_area_m2=v.min_area_m2, simplify_m=v.simplify_m,
             metadata={"run_id": plan.run_id, "model_name": plan.model_name, "model_version": plan.model_version},
+            progress=progress,
         )
         if local != target:
             storage.put_file(local, target)
@@ -407,7 +415,7 @@ class _Dispatcher:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(shape.node_id, soft=True)
         handle = self.actor_class.options(**options).remote(
             self.plan.model, self.run_dir, self.plan.grid, self.tiles_ref, self.batch_size, self.plan.precision,
-            shape.device, shape.threads, self.plan.tta)
+            shape.device, shape.threads, self.plan.tta, self.plan.probabilities)
         ready = handle.__ray_ready__.remote()  # type: ignore[union-attr]  # Ray's stub misses actor built-ins
         self.actors[self.started] = _Actor(self.started, shape, handle, ready)
         self.started += 1

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geoseg.accuracy import confusion_matrix, format_table, summarise
 from geoseg.arrays import ClassMap, Counts, Image
 from geoseg.datasets import (
     ChipSampler,
@@ -36,7 +37,6 @@ from geoseg.datasets import (
     read_pair,
 )
 from geoseg.errors import CheckpointError, ConfigError
-from geoseg.evaluate import confusion_matrix, format_table, summarise
 from geoseg.model.card import ClassInfo, ModelCard
 from geoseg.model.checkpoint import build_model, read_checkpoint, resolve, save_checkpoint
 from geoseg.model.pretrained import load_encoder

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import rasterio
 
+from geoseg.accuracy import confusion_matrix, evaluate_arrays, evaluate_rasters, format_table
 from geoseg.cli import main
 from geoseg.config import RunConfig
-from geoseg.evaluate import confusion_matrix, evaluate_arrays, evaluate_rasters, format_table
 from geoseg.model.checkpoint import load_card
 from geoseg.plan import save_plan
 from geoseg.planner import make_plan

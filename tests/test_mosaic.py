@@ -23,12 +23,12 @@ from rasterio.crs import CRS
 from rasterio.io import MemoryFile
 
 from geoseg import cog, store
-from geoseg.evaluate import evaluate_rasters
+from geoseg.accuracy import evaluate_rasters
 from geoseg.grid import Grid
 from geoseg.model.card import ModelCard
 from geoseg.mosaic import CLASSES_TIF, CLASSES_VRT, MosaicResult, class_raster, colormap, mosaic
 from geoseg.overviews import downsample, level_shapes
-from geoseg.vectorise import vectorise
+from geoseg.polygonise import vectorise
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))

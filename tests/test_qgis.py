@@ -28,8 +28,8 @@ from rasterio.crs import CRS
 
 from geoseg.cli import main
 from geoseg.plan import load_plan
-from geoseg.vectorise import vectorise
-from geoseg.vectorise.style import fallback_colour
+from geoseg.polygonise import vectorise
+from geoseg.polygonise.style import fallback_colour
 
 SE = "{http://www.opengis.net/se}"
 OGC = "{http://www.opengis.net/ogc}"

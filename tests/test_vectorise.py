@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from shapely.geometry import shape
 
 from geoseg.errors import ConfigError
-from geoseg.vectorise import (
+from geoseg.polygonise import (
     CLASS_NAMES_TAG,
     Held,
     SeamJoiner,

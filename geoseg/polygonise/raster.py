@@ -15,7 +15,7 @@ from rasterio.windows import Window
 
 from geoseg import storage
 from geoseg.errors import ConfigError
-from geoseg.vectorise.legend import CLASS_NAMES_TAG, parse_legend
+from geoseg.polygonise.legend import CLASS_NAMES_TAG, parse_legend
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shapely
 
-from geoseg.vectorise.blocks import Geoms
+from geoseg.polygonise.blocks import Geoms
 
 
 def simplify_coverage(geoms: Geoms, tolerance_px: float) -> Geoms:

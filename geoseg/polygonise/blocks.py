@@ -21,7 +21,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from geoseg.errors import ConfigError
-from geoseg.vectorise.raster import read_window
+from geoseg.polygonise.raster import read_window
 
 ClassBlock = npt.NDArray[np.integer[Any]]
 """(y, x) class ids of one block, 0 = nodata: any integer dtype of up to 4 bytes (geoseg writes uint8)."""

@@ -23,11 +23,11 @@ polygons of a block ever leave the block's task.
 
 from __future__ import annotations
 
-from geoseg.vectorise.blocks import BlockPieces, BlockWindow, Finished, block_grid, polygonise_block
-from geoseg.vectorise.driver import vectorise
-from geoseg.vectorise.layer import FIELDS, LAYER
-from geoseg.vectorise.legend import CLASS_NAMES_TAG, load_legend
-from geoseg.vectorise.seams import Held, MergeJob, SeamJoiner, merge_task
+from geoseg.polygonise.blocks import BlockPieces, BlockWindow, Finished, block_grid, polygonise_block
+from geoseg.polygonise.driver import vectorise
+from geoseg.polygonise.layer import FIELDS, LAYER
+from geoseg.polygonise.legend import CLASS_NAMES_TAG, load_legend
+from geoseg.polygonise.seams import Held, MergeJob, SeamJoiner, merge_task
 
 __all__ = ["vectorise", "load_legend", "CLASS_NAMES_TAG", "LAYER", "FIELDS", "BlockWindow", "block_grid",
            "polygonise_block", "BlockPieces", "Finished", "SeamJoiner", "Held", "MergeJob", "merge_task"]

@@ -9,10 +9,10 @@ import numpy as np
 import shapely
 
 from geoseg.gpkg import GpkgWriter
-from geoseg.vectorise.blocks import Finished, Float64s, Geoms, Int64s, Wkb, to_crs, wkb_of
-from geoseg.vectorise.raster import RasterInfo
-from geoseg.vectorise.simplify import simplify_coverage
-from geoseg.vectorise.style import StyleClass, fallback_colour, layer_style
+from geoseg.polygonise.blocks import Finished, Float64s, Geoms, Int64s, Wkb, to_crs, wkb_of
+from geoseg.polygonise.raster import RasterInfo
+from geoseg.polygonise.simplify import simplify_coverage
+from geoseg.polygonise.style import StyleClass, fallback_colour, layer_style
 
 LAYER = "landcover"
 FIELDS = {"class_id": "int64", "class_name": "str", "area_m2": "float64", "mean_confidence": "float64"}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geoseg.vectorise.blocks import (
+from geoseg.polygonise.blocks import (
     BlockKey,
     BlockTask,
     BlockWindow,
@@ -28,9 +28,9 @@ from geoseg.vectorise.blocks import (
     border_strips,
     label_block,
 )
-from geoseg.vectorise.raster import read_window
-from geoseg.vectorise.seams import facing_strips, join_groups
-from geoseg.vectorise.unionfind import UnionFind
+from geoseg.polygonise.raster import read_window
+from geoseg.polygonise.seams import facing_strips, join_groups
+from geoseg.polygonise.unionfind import UnionFind
 
 Edges = Int64s
 """(m, 3) label, label, shared edge length in pixels (0 = diagonal contact only)."""

@@ -1,4 +1,5 @@
-"""Accuracy of a class map against reference labels: confusion matrix, per-class IoU, mean IoU, overall accuracy.
+"""Accuracy of a class map against reference labels: confusion matrix, per-class IoU, mean IoU, overall accuracy,
+and the calibration of its confidence (expected calibration error).
 
 The metrics are pure array functions; `evaluate_rasters` is the I/O edge that puts a reference raster onto
 the class map's grid first.
@@ -59,6 +60,25 @@ def summarise(cm: Counts, ignore: int | None = 0, names: dict[int, str] | None =
     }
 
 
+def calibration(confidence: npt.NDArray[np.floating[Any]], correct: npt.NDArray[np.bool_], bins: int = 10
+                ) -> dict[str, Any]:
+    """Expected calibration error of confidences (0..1) against whether each prediction was right, over ``bins``
+    equal-width bins (1.0 falls in the last): the pixel-weighted mean gap between a bin's accuracy and its mean
+    confidence, 0 for a model whose confidence is its accuracy. Per bin: pixels, accuracy, mean confidence."""
+    c, ok = np.asarray(confidence, np.float64).ravel(), np.asarray(correct, bool).ravel()
+    k = np.clip((c * bins).astype(np.int64), 0, bins - 1)
+    count = np.bincount(k, minlength=bins)
+    hits = np.bincount(k, weights=ok, minlength=bins)
+    conf = np.bincount(k, weights=c, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc, mean = hits / count, conf / count
+    used = count > 0
+    ece = float(np.sum(count[used] * np.abs(acc[used] - mean[used])) / count.sum()) if used.any() else float("nan")
+    return {"ece": ece, "bins": {"count": count.tolist(),
+                                 "accuracy": [float(a) if u else None for a, u in zip(acc, used, strict=True)],
+                                 "confidence": [float(m) if u else None for m, u in zip(mean, used, strict=True)]}}
+
+
 def evaluate_arrays(pred: Ids, ref: Ids, ignore: int | None = 0, names: dict[int, str] | None = None
                     ) -> dict[str, Any]:
     """Metrics of a class map against a reference already on the same grid."""
@@ -66,9 +86,10 @@ def evaluate_arrays(pred: Ids, ref: Ids, ignore: int | None = 0, names: dict[int
 
 
 def evaluate_rasters(classes_tif: str | Path, reference_tif: str | Path, ignore: int | None = 0,
-                     names: dict[int, str] | None = None) -> dict[str, Any]:
+                     names: dict[int, str] | None = None, confidence_tif: str | Path | None = None) -> dict[str, Any]:
     """Compare a run's class raster (``classes.tif``, or ``classes.vrt`` over a grid of COGs) with a reference
-    label raster.
+    label raster; with the run's confidence raster (on the class raster's grid), also the calibration
+    (:func:`calibration`, as ``ece`` and ``calibration``) over the labelled pixels the run predicted.
 
     When the grids differ the reference is reprojected onto the class map's grid with nearest neighbour
     (labels are categories, never averaged); pixels the reference does not cover are left out.
@@ -102,6 +123,15 @@ def evaluate_rasters(classes_tif: str | Path, reference_tif: str | Path, ignore:
     ref_ids = np.where(valid, np.rint(np.nan_to_num(ref)), -1).astype(np.int64)
     result = evaluate_arrays(pred, ref_ids, ignore, names)
     result["reprojected"] = not same
+    if confidence_tif is not None:
+        try:
+            with rasterio.open(confidence_tif) as src:
+                conf = src.read(1)
+        except RasterioIOError as exc:
+            raise SceneReadError(f"cannot read {exc}: pass a run's confidence.tif or confidence.vrt") from exc
+        labelled = (ref_ids >= 0) & (conf > 0) & (ref_ids != (-1 if ignore is None else ignore))
+        cal = calibration(conf[labelled] / 255.0, pred[labelled] == ref_ids[labelled])
+        result["ece"], result["calibration"] = cal["ece"], cal["bins"]
     return result
 
 
@@ -123,4 +153,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"mean IoU over {len(result['present'])} classes present: {result['miou']:.3f}")
     lines.append(f"overall accuracy: {result['overall_accuracy']:.3f}  "
                  f"({result['pixels']} labelled pixels, ignore={result['ignore']})")
+    if "ece" in result:
+        bins = result["calibration"]
+        lines += ["", f"calibration: expected calibration error {result['ece']:.3f} over {len(bins['count'])} bins",
+                  f"{'confidence':>12} {'pixels':>10} {'accuracy':>9} {'mean conf':>9}"]
+        n = len(bins["count"])
+        for i, (count, acc, conf) in enumerate(zip(bins["count"], bins["accuracy"], bins["confidence"], strict=True)):
+            shown = "-" if acc is None else f"{acc:.3f}", "-" if conf is None else f"{conf:.3f}"
+            lines.append(f"{f'{i / n:.1f}-{(i + 1) / n:.1f}':>12} {count:>10} {shown[0]:>9} {shown[1]:>9}")
     return "\n".join(lines)

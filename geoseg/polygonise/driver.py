@@ -5,20 +5,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeAlias
+from typing import Never, TypeAlias
 
 import numpy as np
 from affine import Affine
+from tqdm import tqdm
 
 from geoseg.config import VectoriseSettings
 from geoseg.errors import ExecutionError
 from geoseg.gpkg import GpkgWriter
-from geoseg.vectorise.blocks import BlockPieces, BlockTask, Finished, Wkb, block_grid, polygonise_task
-from geoseg.vectorise.executor import Handle, Jobs, map_in_order
-from geoseg.vectorise.layer import FIELDS, LAYER, LandcoverLayer
-from geoseg.vectorise.raster import read_info
-from geoseg.vectorise.seams import MERGE_BATCH, SeamJoiner, merge_task
-from geoseg.vectorise.sieve import graph_task, sieve
+from geoseg.polygonise.blocks import BlockPieces, BlockTask, Finished, Wkb, block_grid, polygonise_task
+from geoseg.polygonise.executor import Handle, Jobs, map_in_order
+from geoseg.polygonise.layer import FIELDS, LAYER, LandcoverLayer
+from geoseg.polygonise.raster import read_info
+from geoseg.polygonise.seams import MERGE_BATCH, SeamJoiner, merge_task
+from geoseg.polygonise.sieve import graph_task, sieve
+from geoseg.progress import bar
 
 StreamResult: TypeAlias = "Finished | tuple[BlockPieces, Handle[Wkb]]"
 """What the driver loop takes from its jobs: a merge job's regions, or a block's pieces and a handle on their WKB."""
@@ -35,6 +37,7 @@ def vectorise(
     min_area_m2: float = 0.0,
     simplify_m: float = 0.0,
     metadata: Mapping[str, str] | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Polygonise a class raster into the ``landcover`` layer of a GeoPackage, block by block.
 
@@ -58,12 +61,15 @@ def vectorise(
     pixel_size = float(np.sqrt(info.pixel_m2))
     with GpkgWriter(out_gpkg, LAYER, info.crs_wkt, FIELDS, metadata) as writer:
         layer = LandcoverLayer(writer, info, names, simplify_m / pixel_size)
-        _stream(tasks, SeamJoiner(grid, connectivity), layer, transform)
+        blocks = bar(len(tasks), "polygons", "block", progress)
+        _stream(tasks, SeamJoiner(grid, connectivity), layer, transform, blocks)
+        blocks.close()
         layer.finish()
     return layer.areas
 
 
-def _stream(tasks: Sequence[BlockTask], joiner: SeamJoiner, layer: LandcoverLayer, transform: Affine | None) -> None:
+def _stream(tasks: Sequence[BlockTask], joiner: SeamJoiner, layer: LandcoverLayer, transform: Affine | None,
+            blocks: tqdm[Never]) -> None:
     """Polygonise the blocks, write finished regions as they arrive, and merge regions cut by borders in
     jobs of their own as soon as all their pieces are in."""
     jobs: Jobs[StreamResult] = Jobs()
@@ -77,6 +83,7 @@ def _stream(tasks: Sequence[BlockTask], joiner: SeamJoiner, layer: LandcoverLaye
             layer.add(result)
         else:
             block, wkb = result
+            blocks.update()
             layer.add(block.final)
             for group in joiner.add(block, wkb):
                 batch.append(group)

@@ -16,7 +16,7 @@ import numpy as np
 import shapely
 from affine import Affine
 
-from geoseg.vectorise.blocks import (
+from geoseg.polygonise.blocks import (
     BlockKey,
     BlockPieces,
     BlockWindow,
@@ -32,8 +32,8 @@ from geoseg.vectorise.blocks import (
     to_crs,
     wkb_of,
 )
-from geoseg.vectorise.executor import Handle
-from geoseg.vectorise.unionfind import UnionFind
+from geoseg.polygonise.executor import Handle
+from geoseg.polygonise.unionfind import UnionFind
 
 MERGE_BATCH = 2000
 """Pieces per merge job: large enough to amortise a task, small enough to bound its memory."""
