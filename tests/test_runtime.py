@@ -168,7 +168,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path, data_dir: Pa
     assert main(["run", "--scenes", str(s2_path(data_dir)), "--out", str(out), "--dry-run",
                  "--bbox", "16.27,50.97,16.31,50.99"]) == 0
     text = capsys.readouterr().out
-    assert "EPSG:32633" in text and "tiles" in text and "scenes per tile" in text
+    assert "EPSG:32633" in text and "tiles" in text and "items per tile" in text
     assert not out.exists()
 
 
