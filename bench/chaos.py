@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 import psutil  # noqa: E402
-from _clusters import LocalCluster, local_cluster, processes_under  # noqa: E402
+from _clusters import LocalCluster, kill_all, local_cluster, processes_under  # noqa: E402
 from _kill import Background, kill_matching  # noqa: E402
 from _scene import DATA, assemble_scene  # noqa: E402
 from _weed import Weed  # noqa: E402
@@ -69,13 +69,7 @@ def raylet_of_new_node(cluster: LocalCluster, num_cpus: int) -> psutil.Process:
 
 def remove_node(raylet: psutil.Process) -> None:
     """Kill a node by its pids: its raylet and every process under it."""
-    node = [raylet, *raylet.children(recursive=True)]
-    for p in node:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(node, timeout=30)
+    kill_all([raylet, *raylet.children(recursive=True)], timeout=30)
 
 
 def geoseg(cluster: LocalCluster, *args: str) -> subprocess.Popen[str]:

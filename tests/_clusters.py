@@ -86,6 +86,21 @@ def processes_under(root: Path) -> list[psutil.Process]:
     return list(found.values())
 
 
+def kill_all(procs: list[psutil.Process], timeout: float) -> None:
+    """SIGKILL each process by its pid (one that already ended is skipped) and wait for them all."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+
+
+def s2_scene(data_dir: Path) -> Path:
+    """The real Sentinel-2 scene the end-to-end cluster tests map."""
+    return data_dir / "sentinel2_strzegom" / "scenes" / "strzegom_20230530_33u.tif"
+
+
 def stop_processes_under(root: Path) -> None:
     """Kill the cluster's processes by pid until none is left (a raylet may start a worker, or the
     autoscaler a node, while the others are being stopped); raise if any survives."""
@@ -93,12 +108,7 @@ def stop_processes_under(root: Path) -> None:
         procs = processes_under(root)
         if not procs:
             return
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        kill_all(procs, timeout=10)
     left = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in processes_under(root)]
     if left:
         raise RuntimeError(f"processes of the cluster under {root} survived teardown: {left}")

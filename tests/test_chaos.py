@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import rasterio
-from _clusters import NODES, LocalCluster, local_cluster
+from _clusters import NODES, LocalCluster, local_cluster, s2_scene
 from _kill import cmdline
 from _weed import Weed
 
@@ -36,14 +36,10 @@ RUN_ARGS = ["--tile-size", "64", "--batch-size", "4"]  # 49 tiles of the 401 px 
 RUN_TIMEOUT_S = 600
 
 
-def scene(data_dir: Path) -> Path:
-    return data_dir / "sentinel2_strzegom" / "scenes" / "strzegom_20230530_33u.tif"
-
-
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("clean") / "run"
-    assert main(["run", "--scenes", str(scene(data_dir)), "--out", str(out), *RUN_ARGS]) == 0
+    assert main(["run", "--scenes", str(s2_scene(data_dir)), "--out", str(out), *RUN_ARGS]) == 0
     return out
 
 
@@ -90,7 +86,7 @@ def test_a_worker_node_removed_mid_run_costs_no_tile(clean: Path, data_dir: Path
     with local_cluster("gs-chaos-node-") as cluster:
         raylets = [raylet_of_new_node(cluster, 1), raylet_of_new_node(cluster, 1)]
         out = str(tmp_path / "run")
-        proc = geoseg(cluster, "run", "--scenes", str(scene(data_dir)), "--out", out, *RUN_ARGS)
+        proc = geoseg(cluster, "run", "--scenes", str(s2_scene(data_dir)), "--out", out, *RUN_ARGS)
         try:
             when_progress(proc, out)
             busy = [r for r in raylets if any("Predictor" in cmdline(p) for p in r.children(recursive=True))]
@@ -131,7 +127,7 @@ def s3_scene(data_dir: Path) -> str:
     url = "s3://geoseg/scenes/strzegom.tif"
     if not storage.exists(url):
         fs, path = storage.filesystem(url)
-        fs.put_file(str(scene(data_dir)), path)
+        fs.put_file(str(s2_scene(data_dir)), path)
     return url
 
 

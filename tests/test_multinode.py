@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import rasterio
-from _clusters import BIN, NODES, LocalCluster, local_cluster
+from _clusters import BIN, NODES, LocalCluster, local_cluster, s2_scene
 
 from geoseg.cli import main
 
@@ -38,21 +38,17 @@ FAKE_AUTOSCALER_TYPES = {"cpu_worker": {"resources": {"CPU": 1}, "max_workers": 
                          "gpu_worker": {"resources": {"CPU": 1, "GPU": 1}, "max_workers": 1}}
 
 
-def scene(data_dir: Path) -> Path:
-    return data_dir / "sentinel2_strzegom" / "scenes" / "strzegom_20230530_33u.tif"
-
-
 @pytest.fixture(scope="module")
 def single_node_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("single") / "run"
-    assert main(["run", "--scenes", str(scene(data_dir)), "--out", str(out), *RUN_ARGS]) == 0
+    assert main(["run", "--scenes", str(s2_scene(data_dir)), "--out", str(out), *RUN_ARGS]) == 0
     return out
 
 
 def geoseg_run(cluster: LocalCluster, data_dir: Path, out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     """The `geoseg` command joining ``cluster`` as a client would: its own process, the cluster's token."""
     return subprocess.run([str(BIN / "geoseg"), "run", "--ray-address", cluster.address, "--scenes",
-                           str(scene(data_dir)), "--out", str(out), *RUN_ARGS, *flags],
+                           str(s2_scene(data_dir)), "--out", str(out), *RUN_ARGS, *flags],
                           env=cluster.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
 
