@@ -29,11 +29,19 @@ NODE_OBJECT_STORE = 150 * 1024**2  # bytes per node (Ray's minimum is 75 MiB): s
 HOST = "127.0.0.1"  # where clients reach the head (its GCS listens on every interface, its dashboard here only)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A TCP port nothing listens on now and never handed out before in this process: the kernel may
+    offer a just-closed port again, and `ray start` refuses two components on one port."""
+    while True:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def head_command(root: Path, port: int, dashboard_port: int, num_cpus: int, *extra: str) -> list[str]:
