@@ -86,18 +86,24 @@ def evaluate_arrays(pred: Ids, ref: Ids, ignore: int | None = 0, names: dict[int
 
 
 def evaluate_rasters(classes_tif: str | Path, reference_tif: str | Path, ignore: int | None = 0,
-                     names: dict[int, str] | None = None, confidence_tif: str | Path | None = None) -> dict[str, Any]:
-    """Compare a run's class raster (``classes.tif``, or ``classes.vrt`` over a grid of COGs) with a reference
-    label raster; with the run's confidence raster (on the class raster's grid), also the calibration
+                     names: dict[int, str] | None = None, confidence_tif: str | Path | None = None,
+                     class_field: str = "class") -> dict[str, Any]:
+    """Compare a run's class raster (``classes.tif``, or ``classes.vrt`` over a grid of COGs) with reference
+    labels; with the run's confidence raster (on the class raster's grid), also the calibration
     (:func:`calibration`, as ``ece`` and ``calibration``) over the labelled pixels the run predicted.
 
-    When the grids differ the reference is reprojected onto the class map's grid with nearest neighbour
-    (labels are categories, never averaged); pixels the reference does not cover are left out.
+    A reference raster on another grid is reprojected onto the class map's with nearest neighbour (labels are
+    categories, never averaged); pixels the reference does not cover are left out. A vector reference (polygons
+    whose ``class_field`` holds class ids or names) is rasterised onto the class map's grid, as fine-tuning does.
     """
     import rasterio
     from rasterio.errors import RasterioIOError
     from rasterio.warp import Resampling, reproject
 
+    from geoseg.labels import is_vector
+
+    if is_vector(reference_tif):
+        return _evaluate_vector(classes_tif, reference_tif, ignore, names or {}, confidence_tif, class_field)
     try:
         with rasterio.open(classes_tif) as cls, rasterio.open(reference_tif) as rf:
             pred = cls.read(1)
@@ -121,8 +127,37 @@ def evaluate_rasters(classes_tif: str | Path, reference_tif: str | Path, ignore:
         raise SceneReadError(f"cannot read {exc}: pass a run's classes.tif or classes.vrt and a label GeoTIFF") from exc
     valid = np.isfinite(ref)
     ref_ids = np.where(valid, np.rint(np.nan_to_num(ref)), -1).astype(np.int64)
+    return _scored(pred, ref_ids, ignore, names, confidence_tif, reprojected=not same)
+
+
+def _evaluate_vector(classes_tif: str | Path, reference: str | Path, ignore: int | None, names: dict[int, str],
+                     confidence_tif: str | Path | None, class_field: str) -> dict[str, Any]:
+    import rasterio
+    from rasterio.errors import RasterioIOError
+    from rasterio.windows import Window
+
+    from geoseg.labels import Grid, class_raster, paste, read_labels
+
+    try:
+        with rasterio.open(classes_tif) as cls:
+            pred = cls.read(1)
+            grid = Grid(cls.crs.to_wkt(), cls.transform, cls.shape)
+    except RasterioIOError as exc:
+        raise SceneReadError(f"cannot read {exc}: pass a run's classes.tif or classes.vrt") from exc
+    labels = read_labels(reference, grid, class_field)
+    ids = paste(class_raster(labels, names, reference), labels.window, Window(0, 0, pred.shape[1], pred.shape[0]), -1)
+    ref_ids = ids.astype(np.int64)  # -1: not covered
+    return _scored(pred, ref_ids, ignore, names, confidence_tif, reprojected=True)
+
+
+def _scored(pred: Ids, ref_ids: npt.NDArray[np.int64], ignore: int | None, names: dict[int, str] | None,
+            confidence_tif: str | Path | None, reprojected: bool) -> dict[str, Any]:
+    """The metrics of a class map against reference ids on its grid (-1 where the reference says nothing)."""
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
     result = evaluate_arrays(pred, ref_ids, ignore, names)
-    result["reprojected"] = not same
+    result["reprojected"] = reprojected
     if confidence_tif is not None:
         try:
             with rasterio.open(confidence_tif) as src:

@@ -161,10 +161,10 @@ def vectorise(classes: str, out: str, *, legend: str | Mapping[int, str] | None 
                       min_area_m2=v.min_area_m2, simplify_m=v.simplify_m, progress=progress)
 
 
-def evaluate(run_dir: str, reference: str, ignore: int | None = 0) -> dict[str, Any]:
-    """Compare a run's class map with reference labels (confusion matrix, IoU per class, mIoU, overall
-    accuracy, and where the run has its confidence raster, the calibration: ``ece``); also written as
-    ``evaluation.json`` in RUN_DIR."""
+def evaluate(run_dir: str, reference: str, ignore: int | None = 0, class_field: str = "class") -> dict[str, Any]:
+    """Compare a run's class map with reference labels, a label raster or polygons with a ``class_field`` column
+    (confusion matrix, IoU per class, mIoU, overall accuracy, and where the run has its confidence raster, the
+    calibration: ``ece``); also written as ``evaluation.json`` in RUN_DIR."""
     from geoseg.accuracy import evaluate_rasters
     from geoseg.model.checkpoint import load_card
     from geoseg.mosaic import CONFIDENCE_TIF, CONFIDENCE_VRT, class_raster
@@ -175,6 +175,7 @@ def evaluate(run_dir: str, reference: str, ignore: int | None = 0) -> dict[str, 
     classes = class_raster(run_dir)
     confidence = storage.join(run_dir, CONFIDENCE_VRT if classes.endswith(".vrt") else CONFIDENCE_TIF)
     result = evaluate_rasters(classes, reference, ignore=ignore, names={c.id: c.name for c in card.classes},
-                              confidence_tif=confidence if storage.exists(confidence) else None)
+                              confidence_tif=confidence if storage.exists(confidence) else None,
+                              class_field=class_field)
     storage.write_bytes(storage.join(run_dir, "evaluation.json"), json.dumps(result, indent=2).encode())
     return result

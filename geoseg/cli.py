@@ -172,8 +172,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on N GPU workers (bf16) instead of the config's workers")
     p = sub.add_parser("evaluate", help="compare a run's class raster (classes.tif or .vrt) with reference labels")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--reference", required=True, metavar="LABELS.tif")
+    p.add_argument("--reference", required=True, metavar="LABELS",
+                   help="a label raster (class ids) or polygons (GeoPackage, GeoJSON, ...) with a class column")
+    p.add_argument("--class-field", default="class", metavar="NAME",
+                   help="the polygons' column of class ids or names (default: class)")
     p.add_argument("--ignore", type=int, default=0, help="reference value to ignore (default 0)")
+    p = sub.add_parser("finetune", help="adapt a model to your area from your labelled scenes")
+    p.add_argument("--from", dest="parent", required=True, metavar="MODEL",
+                   help="a shipped model's name or a geoseg checkpoint")
+    p.add_argument("--scenes", nargs="+", required=True, metavar="FILE")
+    p.add_argument("--labels", nargs="+", required=True, metavar="FILE",
+                   help="one label raster (class ids, 0 unlabelled) or vector file per scene, in order, "
+                        "or one vector file for all")
+    p.add_argument("--out", required=True, metavar="CHECKPOINT", help="where to write the new model (.pt)")
+    p.add_argument("--class-field", default="class", metavar="NAME",
+                   help="vector labels' column of class ids or names (default: class)")
+    p.add_argument("--classes", dest="legend", metavar="LEGEND.json",
+                   help="JSON object from your class names or ids to the model's (null: leave out); "
+                        "a name the model lacks adds a class")
+    p.add_argument("--epochs", type=int, metavar="N",
+                   help="at most N epochs (default 20); it stops earlier when a held-apart slice of the labels "
+                        "stops improving")
+    p.add_argument("--licence", default="licence not stated", metavar="TEXT",
+                   help="the new labels' and scenes' licence, for the model card")
     return parser
 
 
@@ -283,8 +304,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from geoseg.accuracy import format_table
 
-        result = api.evaluate(args.run_dir, args.reference, ignore=args.ignore)
+        result = api.evaluate(args.run_dir, args.reference, ignore=args.ignore, class_field=args.class_field)
         print(format_table(result))
         print(json.dumps(result))
+        return EXIT_OK
+    if args.command == "finetune":
+        from geoseg.finetune import FinetuneSettings, finetune, load_legend
+
+        legend = load_legend(args.legend) if args.legend else None
+        print(finetune(args.parent, args.scenes, args.labels, args.out, class_field=args.class_field, legend=legend,
+                       settings=FinetuneSettings(**({"epochs": args.epochs} if args.epochs else {})),
+                       licence=args.licence))
         return EXIT_OK
     raise ConfigError(f"unknown command {args.command}")

@@ -60,3 +60,7 @@ class ClusterError(GeosegError, ConnectionError):
 
 class RunDirBusyError(GeosegError, FileExistsError):
     """Another driver holds RUN_DIR's lease (or wrote its ledger since this one did): one writer per RUN_DIR."""
+
+
+class LabelError(GeosegError, ValueError):
+    """Labels cannot be used as given: no class column, classes the model lacks, no overlap with the scene."""

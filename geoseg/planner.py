@@ -126,7 +126,7 @@ def _catalogue_drafts(config: RunConfig, region: BaseGeometry) -> tuple[str, Mod
     return model, card, drafts
 
 
-def _offset(card: ModelCard, data_offset: float | None) -> float:
+def reflectance_shift(card: ModelCard, data_offset: float | None) -> float:
     """What to add to an item's raw values to reach the card's reflectance convention (0: read as it is)."""
     if card.reflectance_offset is None or data_offset is None:
         return 0.0
@@ -258,7 +258,7 @@ def _item(draft: _Draft, footprint: BaseGeometry, grid: Grid, card: ModelCard, c
                           "model where there is none) or none")
     mask = Source(draft.scl, (1,), (), _is_aligned(draft.scl, grid)) if use_scl and draft.scl else None
     return Item(id=draft.id, sources=sources, grid_bounds=_bounds(footprint), datetime=draft.datetime,
-                cloud_cover=draft.cloud_cover, offset=_offset(card, draft.data_offset), mask=mask,
+                cloud_cover=draft.cloud_cover, offset=reflectance_shift(card, draft.data_offset), mask=mask,
                 mask_kind="scl" if mask else None, href=draft.href)
 
 

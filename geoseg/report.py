@@ -298,6 +298,8 @@ def _card_section(card: ModelCard) -> str:
     facts = [("model", f"{card.name} v{card.version}"), ("architecture", card.architecture),
              ("bands", ", ".join(card.bands)), ("pixel size", f"{card.gsd_m:g} m"),
              ("classes", str(len(card.classes))), ("no data", card.nodata_rule)]
+    if card.parent:
+        facts.insert(1, ("fine-tuned from", card.parent))
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts)
     return (f"<h2>Model card</h2><table id=model-card>{rows}</table>"
             f"<p>Training data and licence status:</p>{_list(card.training_data)}")

@@ -75,7 +75,7 @@ def read_item(job: TileJob, k: int, transform: Affine, shape: tuple[int, int]) -
             data[list(src.slots)] = part
             seen &= ok
     if item.offset:
-        data = _shifted(data, seen, item.offset)
+        data = shift_reflectance(data, seen, item.offset)
     usable = seen
     if item.mask is not None:
         codes = read_mask(job, item, transform, shape)
@@ -121,7 +121,7 @@ def _dilate(mask: Mask, n: int) -> Mask:
     return out
 
 
-def _shifted(data: Image, valid: Mask, offset: float) -> Image:
+def shift_reflectance(data: Image, valid: Mask, offset: float) -> Image:
     """Valid values plus ``offset``, kept inside the dtype and above 0; a 0 stays 0 (reflectance's fill value,
     also in one band of a pixel whose other bands hold data, as along Sentinel-2's 20 m band edges)."""
     top = np.iinfo(data.dtype).max if np.issubdtype(data.dtype, np.integer) else np.inf

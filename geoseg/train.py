@@ -61,8 +61,9 @@ class TrainConfig:
     labels: str = ""  # formatted with {item} and {stem} (the image's file stem)
     classes_json: str = ""  # classes (id, name, color or mask_rgb), bands, scale, gsd_m
     train: tuple[str, ...] = ()  # items (dates, tiles) to train on
-    validate: tuple[str, ...] = ()  # items to validate on; the hold-out block of them when holdout is set
-    holdout: str = ""  # "" or east/west/north/south: that block is never trained on and is what is validated
+    validate: tuple[str, ...] = ()  # items that pick the best epoch (outside the hold-out block when one is set)
+    report: tuple[str, ...] = ()  # items scored once by the chosen epoch and never used to choose it
+    holdout: str = ""  # "" or east/west/north/south: that block is never trained or selected on; report scores it
     holdout_fraction: float = 0.25
     bands: tuple[str, ...] = ()  # () -> classes_json "bands"
     scale: float = 0.0  # 0 -> classes_json "scale", else 1/255 for uint8 and 1e-4 for uint16
@@ -91,12 +92,12 @@ class TrainConfig:
     out: str = ""  # "" -> runs/<name>; the model is written to <out>/<name>.pt
     resume: bool = True  # continue from the latest checkpoint of a previous run in <out>
     seed: int = 0
+    patience: int = 0  # stop when validation mIoU has not improved for this many epochs (0: run every epoch)
+    distill: float = 0.0  # fine-tunes: weight of keeping the starting network's softmax on unlabelled pixels
+    freeze_norm: bool = False  # keep batch-norm statistics as they start: a few labels' chips are no sample of a scene
     training_data: tuple[str, ...] = ()  # names, sources and licence status of the data, for the card
 
     def __post_init__(self) -> None:
-        if not self.images or not self.labels or not self.classes_json or not self.train or not self.validate:
-            raise ConfigError("a training config needs images, labels, classes_json, train and validate; "
-                              "see configs/*.toml")
         if min(self.epochs, self.steps_per_epoch, self.batch_size, self.num_workers, self.cpus_per_worker) < 1:
             raise ConfigError("epochs, steps_per_epoch, batch_size, num_workers and cpus_per_worker must be >= 1")
         if self.chip % 32:
@@ -142,8 +143,25 @@ def _mask_colours(doc: dict[str, Any]) -> dict[tuple[int, int, int], int]:
     return colours
 
 
-def prepare_data(config: TrainConfig) -> tuple[ModelCard, list[LabelledImage], list[LabelledImage]]:
-    """Read the training and validation pairs and derive the card (normalisation from the training pixels)."""
+@dataclass(frozen=True)
+class TrainingData:
+    """What a run reads: the card it derives, the images it trains on, picks its epoch on, and reports on."""
+
+    card: ModelCard
+    train: list[LabelledImage]
+    validate: list[LabelledImage]
+    report: list[LabelledImage]
+
+
+def prepare_data(config: TrainConfig) -> TrainingData:
+    """Read the training, validation and report pairs and derive the card (normalisation from the training pixels).
+
+    With a hold-out block, training and validation images lose the block and report images keep only it, so
+    the reported figure is on ground that neither trained the model nor chose its epoch.
+    """
+    if not config.images or not config.labels or not config.classes_json or not config.train or not config.validate:
+        raise ConfigError("a training config needs images, labels, classes_json, train and validate; "
+                          "see configs/*.toml")
     root = config.root
     try:
         doc = json.loads((root / config.classes_json).read_text())
@@ -156,12 +174,13 @@ def prepare_data(config: TrainConfig) -> tuple[ModelCard, list[LabelledImage], l
         return [read_pair(i, lab, colours, config.downsample)
                 for i, lab in find_pairs(root, config.images, config.labels, items)]
 
-    train, val = read(config.train), read(config.validate)
+    train, val, report = read(config.train), read(config.validate), read(config.report)
     if config.holdout:
-        train = [crop(t, block_slices(t.label.shape, config.holdout, config.holdout_fraction)[1], "rest")
-                 for t in train]
-        val = [crop(v, block_slices(v.label.shape, config.holdout, config.holdout_fraction)[0], config.holdout)
-               for v in val]
+        def cut(items: list[LabelledImage], block: bool) -> list[LabelledImage]:
+            name = config.holdout if block else "rest"
+            return [crop(t, block_slices(t.label.shape, config.holdout, config.holdout_fraction)[0 if block else 1],
+                         name) for t in items]
+        train, val, report = cut(train, False), cut(val, False), cut(report, True)
     dtype = train[0].image.dtype
     if dtype not in (np.uint8, np.uint16):
         raise ConfigError(f"training images are {dtype}; geoseg models take uint8 or uint16 raw values")
@@ -178,7 +197,7 @@ def prepare_data(config: TrainConfig) -> tuple[ModelCard, list[LabelledImage], l
         halo=config.halo, classes=_classes_from_json(doc), nodata=NODATA,
         training_data=config.training_data or (str(root / config.classes_json),),
     )
-    return card, train, val
+    return TrainingData(card, train, val, report)
 
 
 def lr_at(step: int, total: int, peak: float) -> float:
@@ -193,6 +212,17 @@ def lr_at(step: int, total: int, peak: float) -> float:
 def masked_loss(logits: torch.Tensor, labels: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over labelled pixels only: `lookup` maps class id -> logits channel, and 0 (ignore) -> -1."""
     return F.cross_entropy(logits, lookup[labels.long()], ignore_index=-1)
+
+
+def kept_loss(logits: torch.Tensor, start: torch.Tensor, unlabelled: torch.Tensor) -> torch.Tensor:
+    """KL divergence from the starting network's softmax to the network's, over the `unlabelled` pixels.
+
+    A few labels of a new area teach the classes they hold and, through the softmax, push every other class
+    down everywhere. Fine-tunes keep the start's answers where it sees a class the labels lack (learning
+    without forgetting), and leave its answers free where it sees a labelled class, which the labels correct."""
+    target = start.float().softmax(1)
+    kl = (target * (target.clamp_min(1e-8).log() - logits.float().log_softmax(1))).sum(1)
+    return kl[unlabelled].mean() if bool(unlabelled.any()) else kl.sum() * 0
 
 
 def class_lookup(card: ModelCard) -> torch.Tensor:
@@ -253,7 +283,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         {"params": [p for p in model.parameters() if id(p) not in encoder_ids]},
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    start_epoch, step, best = 0, 0, -1.0
+    start_epoch, step, best, best_epoch = 0, 0, -1.0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None or cfg["resume_dir"]:
         with checkpoint.as_directory() if checkpoint is not None else nullcontext(cfg["resume_dir"]) as d:
@@ -261,18 +291,29 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         model.load_state_dict(raw["state_dict"])
         optimizer.load_state_dict(raw["extra"]["optimizer"])
         start_epoch, step, best = raw["extra"]["epoch"] + 1, raw["extra"]["step"], raw["extra"]["best"]
+        best_epoch = raw["extra"].get("best_epoch", raw["extra"]["epoch"])
+    elif cfg["init"] is not None:
+        model.load_state_dict(ray.get(cfg["init"]))  # a fine-tune: the parent's whole network
     elif config.pretrained:
         n = load_encoder(model, resolve(config.pretrained), card.bands)
         if rank == 0:
             print(f"[{config.name}] encoder started from {config.pretrained} ({n} tensors, first conv adapted to "
                   f"{len(card.bands)} bands)", flush=True)
+    teacher = None
+    if config.distill and cfg["init"] is not None:  # the start, frozen: what unlabelled pixels should keep saying
+        teacher = build_model(card)
+        teacher.load_state_dict(ray.get(cfg["init"]))
+        teacher.eval().requires_grad_(False)
     wrapped = ray.train.torch.prepare_model(model)  # DistributedDataParallel with several workers
     device = ray.train.torch.get_device()
     bf16 = device.type == "cuda"  # mixed precision on GPUs; fp32 on CPUs, where bf16 is slower
     torch.backends.cudnn.benchmark = bf16
     core = model  # the network itself: prepare_model moved it to the device in place, and wraps it or returns it
+    if teacher is not None:
+        teacher.to(device)
     lookup = class_lookup(card).to(device)
     sampler = ChipSampler(train_items, card.class_ids, config.chip, config.balance, config.zoom)
+    taught = torch.tensor([len(w) > 0 for w in sampler.where], device=device)  # channels the labels hold
     total = config.epochs * config.steps_per_epoch
 
     line = ""  # the last finished epoch's summary, shown by the driver above its progress bar
@@ -283,6 +324,10 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         wrapped.train()
         if frozen:
             core.encoder.eval()  # keep pretrained batch-norm statistics while the encoder is fixed
+        if config.freeze_norm:
+            for m in core.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
         losses = []
         for i in range(config.steps_per_epoch):
             lr = lr_at(step, total, config.lr)
@@ -293,7 +338,12 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             x = torch.from_numpy(card.normalise(chips)).to(device).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(labels).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = masked_loss(wrapped(x), y, lookup)
+                logits = wrapped(x)
+                loss = masked_loss(logits, y, lookup)
+                if teacher is not None:
+                    start = teacher(x)
+                    keep = (y == 0) & ~taught[start.argmax(1)]  # pixels the start gives to a class nobody labelled
+                    loss = loss + config.distill * kept_loss(logits, start, keep)
             optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)  # loss.backward(), which torch leaves unannotated
             optimizer.step()
@@ -309,10 +359,12 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             torch.distributed.all_reduce(t)
             cm = t.cpu().numpy()
         val = summarise(cm, 0)
-        best = max(best, val["miou"])
+        if val["miou"] > best:
+            best, best_epoch = val["miou"], epoch
+        stop = bool(config.patience) and epoch - best_epoch >= config.patience  # all workers see the same mIoU
         metrics = {
             "epoch": epoch, "first_epoch": start_epoch, "step": step, "train_loss": float(np.mean(losses)),
-            "train_s": train_s,
+            "train_s": train_s, "stopped": stop,
             "val_miou": val["miou"], "val_oa": val["overall_accuracy"], "best_val_miou": best,
             **{f"val_iou_{k}": v for k, v in val["iou"].items() if v is not None},
         }
@@ -325,13 +377,16 @@ def _train_loop(cfg: dict[str, Any]) -> None:
                                   "note": f"epoch {epoch + 1}/{config.epochs} val mIoU {val['miou']:.4f}"})
             with tempfile.TemporaryDirectory() as d:
                 extra = {
-                    "epoch": epoch, "step": step, "best": best, "optimizer": optimizer.state_dict(),
+                    "epoch": epoch, "step": step, "best": best, "best_epoch": best_epoch,
+                    "optimizer": optimizer.state_dict(),
                     "metrics": json.dumps(metrics), "config": json.dumps(cfg["config"]),
                 }
                 save_checkpoint(Path(d) / "model.pt", card, wrapped, extra)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)
+        if stop:
+            break
 
 
 def _checkpoints(run_dir: Path, config: TrainConfig) -> list[tuple[Path, dict[str, Any]]]:
@@ -365,13 +420,19 @@ def _init_ray(config: TrainConfig) -> None:
             temp_dir=tempfile.mkdtemp(prefix="geoseg-ray-"))  # progress comes through progress.Follow
 
 
-def train(config: TrainConfig) -> Path:
-    """Train on Ray Train and write the best-validating model to <out>/<name>.pt; returns that path."""
+def train(config: TrainConfig, data: TrainingData | None = None, init: dict[str, torch.Tensor] | None = None
+          ) -> Path:
+    """Train on Ray Train and write the best-validating model to <out>/<name>.pt; returns that path.
+
+    `data` replaces what the config's patterns would read (a fine-tune brings its own), and `init` starts the
+    whole network from these weights instead of an encoder or a random start.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    card, train_items, val_items = prepare_data(config)
+    data = data or prepare_data(config)
+    card, train_items, val_items = data.card, data.train, data.validate
     out = config.out_dir
     run_dir = out / "ray" / config.name
     if not config.resume and run_dir.exists():
@@ -383,7 +444,7 @@ def train(config: TrainConfig) -> Path:
     if previous:
         print(f"[{config.name}] resuming after epoch {previous[-1][1]['epoch'] + 1} from {previous[-1][0].parent}",
               flush=True)
-    if not previous or previous[-1][1]["epoch"] + 1 < config.epochs:
+    if not previous or (previous[-1][1]["epoch"] + 1 < config.epochs and not previous[-1][1].get("stopped")):
         _init_ray(config)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         use_gpu = gpus >= config.num_workers if config.use_gpu is None else config.use_gpu
@@ -395,7 +456,7 @@ def train(config: TrainConfig) -> Path:
             _train_loop,
             train_loop_config={
                 "config": asdict(config), "card": card.to_dict(), "train": ray.put(train_items),
-                "val": ray.put(val_items),
+                "val": ray.put(val_items), "init": None if init is None else ray.put(init),
                 "resume_dir": str(previous[-1][0].parent) if previous else "",
             },
             scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
@@ -410,15 +471,25 @@ def train(config: TrainConfig) -> Path:
         first = previous[-1][1]["epoch"] + 1 if previous else 0
         with Follow(config.name, (config.epochs - first) * config.steps_per_epoch, config.name, "step"):
             trainer.fit()
-    best_pt, metrics = max(_checkpoints(run_dir, config), key=lambda pm: pm[1]["val_miou"])
+    done = _checkpoints(run_dir, config)
+    if done[-1][1].get("stopped"):
+        print(f"[{config.name}] stopped early after epoch {done[-1][1]['epoch'] + 1}: no better validation mIoU for "
+              f"{config.patience} epochs", flush=True)
+    # the earliest of equal scores, as patience counts: Ray keeps the best two and may drop an earlier tie
+    best_pt, metrics = max(done, key=lambda pm: (pm[1]["val_miou"], -pm[1]["epoch"]))
     raw = read_checkpoint(best_pt)
     model = build_model(card)
     model.load_state_dict(raw["state_dict"])
+    names = {c.id: c.name for c in card.classes}
+    print(f"[{config.name}] best epoch {metrics['epoch'] + 1}, chosen on validation:", flush=True)
+    print(format_table(summarise(validate(model, card, val_items), 0, names)), flush=True)
+    if data.report:
+        scored = summarise(validate(model, card, data.report), 0, names)
+        metrics |= {"report_miou": scored["miou"], "report_oa": scored["overall_accuracy"]}
+        print(f"[{config.name}] the same epoch on the report set, which chose nothing:", flush=True)
+        print(format_table(scored), flush=True)
     final = out / f"{config.name}.pt"
     save_checkpoint(final, card, model, {"metrics": json.dumps(metrics), "config": json.dumps(asdict(config))})
-    names = {c.id: c.name for c in card.classes}
-    print(f"[{config.name}] best epoch {metrics['epoch'] + 1}: validation of {final}", flush=True)
-    print(format_table(summarise(validate(model, card, val_items), 0, names)), flush=True)
     return final
 
 

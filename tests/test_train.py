@@ -16,10 +16,12 @@ from geoseg.model.checkpoint import load_card, load_model, read_checkpoint
 from geoseg.train import (
     TrainConfig,
     class_lookup,
+    kept_loss,
     load_config,
     lr_at,
     masked_loss,
     predict_ids,
+    prepare_data,
     train,
     train_from_config,
 )
@@ -37,6 +39,21 @@ def test_unknown_config_keys_list_the_valid_ones(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text('name = "x"\nepochz = 3\n')
     with pytest.raises(ConfigError, match="epochz.*valid keys.*epochs"):
         load_config(tmp_path / "c.toml")
+
+
+def test_a_holdout_block_is_neither_trained_nor_chosen_on_and_is_what_is_reported(data_dir: Path) -> None:
+    config = TrainConfig(
+        data_root=str(data_dir), images="sentinel2_strzegom/scenes/strzegom_{item}_33u.tif",
+        labels="sentinel2_strzegom/labels/{stem}.tif", classes_json="sentinel2_strzegom/classes.json",
+        train=("20220719",), validate=("20230530",), report=("20230530",), holdout="east")
+    data = prepare_data(config)
+    assert [i.image.shape[1:] for i in (*data.train, *data.validate)] == [(401, 301)] * 2
+    import rasterio
+
+    with rasterio.open(data_dir / "sentinel2_strzegom/scenes/strzegom_20230530_33u.tif") as src:
+        scene = src.read()
+    assert np.array_equal(data.report[0].image, scene[:, :, 301:])
+    assert np.array_equal(data.validate[0].image, scene[:, :, :301])
 
 
 def test_ignored_pixels_do_not_affect_the_loss() -> None:
@@ -65,7 +82,8 @@ def test_short_real_training_run_learns_resumes_loads_and_fine_tunes(data_dir: P
     base = dict(
         name="tiny", data_root=str(data_dir), images="sentinel2_strzegom/scenes/strzegom_{item}_33u.tif",
         labels="sentinel2_strzegom/labels/{stem}.tif", classes_json="sentinel2_strzegom/classes.json",
-        train=("20220719",), validate=("20220719",), holdout="east", width=8, chip=64, batch_size=8,
+        train=("20220719",), validate=("20220719",), report=("20230530",), holdout="east", width=8, chip=64,
+        batch_size=8,
         steps_per_epoch=12, lr=0.01, out=str(tmp_path / "run"),
         training_data=("Strzegom test chips (licence not stated)",),
     )
@@ -77,6 +95,8 @@ def test_short_real_training_run_learns_resumes_loads_and_fine_tunes(data_dir: P
     assert [m["epoch"] for m in metrics] == [0, 1]
     assert metrics[1]["train_loss"] < metrics[0]["train_loss"]
     assert 0 < metrics[1]["val_miou"] <= 1
+    chosen = json.loads(read_checkpoint(path)["extra"]["metrics"])  # the report set scored once, by the chosen epoch
+    assert chosen["epoch"] in (0, 1) and 0 < chosen["report_miou"] <= 1 and "report_miou" not in metrics[1]
 
     card, model = load_model(path)
     assert card.bands[2] == "B04" and len(card.classes) == 10 and card.width == 8
@@ -115,3 +135,15 @@ def test_gpus_on_a_cluster_without_gpus_is_a_named_error(data_dir: Path, ray_ses
     with pytest.raises(ConfigError, match="1 GPU worker.*0 GPU"):
         train_from_config(config, gpus=1)
     assert not (tmp_path / "run" / "tiny.pt").exists()
+
+
+def test_the_kept_loss_counts_only_unlabelled_pixels_and_vanishes_where_the_start_is_kept() -> None:
+    start = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    unlabelled = torch.zeros(2, 8, 8, dtype=torch.bool)
+    unlabelled[:, :4] = True
+    assert kept_loss(start, start, unlabelled).item() < 1e-6
+    moved = start.clone()
+    moved[:, :, 4:] += 5 * torch.randn(2, 4, 4, 8)  # changed only where pixels are labelled
+    assert kept_loss(moved, start, unlabelled).item() < 1e-6
+    moved[:, :, :4] = -start[:, :, :4]
+    assert kept_loss(moved, start, unlabelled).item() > 0.1

@@ -15,7 +15,7 @@ from geoseg.errors import CheckpointError
 _COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
 INPUT_DTYPES = ("uint8", "uint16")
 ENCODERS = ("resnet18", "resnet34")
-OPTIONAL = {"reflectance_offset"}  # fields added since the first checkpoints: absent means the default
+OPTIONAL = {"reflectance_offset", "parent"}  # fields added since the first checkpoints: absent means the default
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class ModelCard:
     """Reflectance cards: the value added to reflectance x 10000 in the data the model was trained on (1000 for
     Sentinel-2 L2A from processing baseline 04.00 on, 0 before), so every scene is converted to it; None: the
     input is not reflectance (8-bit imagery) and is read as it is."""
+    parent: str | None = None
+    """Fine-tuned models: the model whose weights this one started from ("sentinel2-lulc v2"); None: trained from
+    a random or encoder-only start."""
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -130,6 +133,7 @@ class ModelCard:
                 nodata=str(d["nodata"]),
                 training_data=tuple(str(t) for t in d["training_data"]),
                 reflectance_offset=None if d.get("reflectance_offset") is None else float(d["reflectance_offset"]),
+                parent=None if d.get("parent") is None else str(d["parent"]),
             )
         except CheckpointError:
             raise

@@ -58,7 +58,8 @@ def read_checkpoint(name_or_path: str | Path, mmap: bool = False) -> dict[str, A
     return raw
 
 
-def _card_of(raw: dict[str, Any], path: str | Path) -> ModelCard:
+def card_of(raw: dict[str, Any], path: str | Path) -> ModelCard:
+    """The card of a checkpoint already read (`read_checkpoint`), so its weights are not read twice."""
     try:
         return ModelCard.from_dict(json.loads(raw["card"]))
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
@@ -67,7 +68,7 @@ def _card_of(raw: dict[str, Any], path: str | Path) -> ModelCard:
 
 def load_card(name_or_path: str | Path) -> ModelCard:
     """The card alone, memory-mapped and without building a network: what the driver needs to check scenes."""
-    return _card_of(read_checkpoint(name_or_path, mmap=True), name_or_path)
+    return card_of(read_checkpoint(name_or_path, mmap=True), name_or_path)
 
 
 def build_model(card: ModelCard) -> UNet:
@@ -78,7 +79,7 @@ def build_model(card: ModelCard) -> UNet:
 def load_model(name_or_path: str | Path, device: str = "cpu") -> tuple[ModelCard, nn.Module]:
     """Card and network with its weights, in eval mode on `device`."""
     raw = read_checkpoint(name_or_path)
-    card = _card_of(raw, name_or_path)
+    card = card_of(raw, name_or_path)
     model = build_model(card)
     try:
         model.load_state_dict(raw["state_dict"])
