@@ -135,17 +135,33 @@ def make_tile(job: TileJob, stores: Stores, tile_id: int, row: int, col: int) ->
     g = job.grid
     transform = g.input_transform(row, col)
     shape = (g.input_size, g.input_size)
-    observations = [read_item(job, k, transform, shape) for k in job.items_for(row, col)]
+    inside = None if job.region_grid_wkt is None else geometry_mask(
+        [shapely_wkt.loads(job.region_grid_wkt)], out_shape=shape, transform=transform, invert=True)
+    observations = _observations(job, transform, shape, row, col, inside)
     image, valid, provenance = composite(observations, job.rule, job.band_count, g.input_size, job.dtype)
-    if job.region_grid_wkt is not None:
-        inside = geometry_mask([shapely_wkt.loads(job.region_grid_wkt)], out_shape=shape, transform=transform,
-                               invert=True)
+    if inside is not None:
         valid &= inside
         provenance[~inside] = 0
     stores.write_tile(tile_id, image, valid)
     rows, cols = g.core_window(row, col)
     h = g.halo
     stores.write_provenance(rows, cols, provenance[h:h + rows.stop - rows.start, h:h + cols.stop - cols.start])
+
+
+def _observations(job: TileJob, transform: Affine, shape: tuple[int, int], row: int, col: int,
+                  inside: Mask | None) -> list[Observation]:
+    """The items that see the tile, read in the rule's order; a first-usable rule stops reading once every pixel
+    of the square (inside the region) has a usable value, as no later date can change it: a clear first date
+    costs one read, not one per date."""
+    observations: list[Observation] = []
+    needed = np.ones(shape, bool) if inside is None else inside.copy()
+    for k in job.items_for(row, col):
+        observations.append(read_item(job, k, transform, shape))
+        if job.rule != "median":
+            needed &= ~observations[-1].usable
+            if not needed.any():
+                break
+    return observations
 
 
 @lru_cache(maxsize=OPEN_FILES)

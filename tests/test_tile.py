@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from geoseg import store
 from geoseg.config import RunConfig
+from geoseg.errors import SceneReadError
 from geoseg.planner import make_plan
 from geoseg.scenes import SceneReader
 from geoseg.tile import TileJob, make_tile, open_reader
@@ -91,3 +92,28 @@ def test_a_20m_band_on_the_10m_grid_equals_the_warper(corner: tuple[int, int], t
     assert np.array_equal(data[0][away], expected[away])
     off = np.abs(data[0].astype(np.int32) - expected)[valid]
     assert (off > 0).sum() <= 16 and off.max() <= 0.01 * expected[valid].max()
+
+
+def test_a_first_usable_rule_stops_reading_dates_once_the_tile_is_covered(tmp_path: Path, data_dir: Path) -> None:
+    """A tile the first date covers clear is never read from the later dates (here one whose file is gone): the
+    same tile as from the first date alone. The median needs every date, so it still reads the missing one."""
+    original = data_dir / "sentinel2_strzegom" / "scenes" / "strzegom_20230530_33u.tif"
+    first, later = tmp_path / "first.tif", tmp_path / "later.tif"
+    shutil.copyfile(original, first)
+    shutil.copyfile(original, later)
+    run_dir = str(tmp_path / "run")
+    plan = make_plan(RunConfig(scenes=(str(first), str(later)), out=run_dir, tile_size=128, halo=32))
+    store.create(run_dir, plan.grid, plan.tiles, plan.items[0].sources[0].scene.band_names, "uint16")
+    stores = store.Stores(run_dir)
+    tile = next(i for i, (r, c) in enumerate(plan.tiles) if r == 1 and c == 1)  # its input square inside the scene
+    job = TileJob(run_dir, plan.run_id, "both", plan.grid, plan.items, "first", None, "uint16", 10)
+    assert len(job.items_for(1, 1)) == 2
+    later.unlink()
+
+    make_tile(job, stores, tile, 1, 1)
+    image, valid = stores.image[tile], stores.valid[tile]
+    make_tile(TileJob(run_dir, plan.run_id, "alone", plan.grid, plan.items[:1], "first", None, "uint16", 10),
+              stores, tile, 1, 1)
+    assert valid.all() and np.array_equal(image, stores.image[tile])
+    with pytest.raises(SceneReadError):
+        make_tile(replace(job, rule="median", execution_id="median"), stores, tile, 1, 1)
