@@ -2,9 +2,9 @@
 
 The planner gives such an item a mask on the run's own grid, over the item's footprint padded by the halo and
 the mask buffer, at ``RUN_DIR/masks/ITEM.tif`` (``planner._with_model_mask``). Here a Ray task per item reads
-the item over that whole window, as the tile readers would (``tile.read_item``: band files resampled onto
-the grid, converted to the card's reflectance convention), runs the cloud model once over it
-(``clouds.cloud_mask``) and publishes the mask as a COG. One window per item means no tile borders in the
+the bands the cloud model takes over that whole window, as the tile readers would (``tile.read_item``: band
+files resampled onto the grid, converted to the card's reflectance convention), runs the cloud model once over
+it (``clouds.cloud_mask``) and publishes the mask as a COG. One window per item means no tile borders in the
 mask, so it cannot make seams; the tiles then read it like an SCL band. A rerun finds the masks made.
 """
 
@@ -23,10 +23,10 @@ from rasterio.crs import CRS
 from ray.exceptions import RayError
 
 from geoseg import storage
-from geoseg.clouds import NODATA, cloud_mask
+from geoseg.clouds import NODATA, cloud_mask, model_bands
 from geoseg.grid import Grid
 from geoseg.model.card import ModelCard
-from geoseg.plan import Item, RunPlan
+from geoseg.plan import Item, RunPlan, Source
 from geoseg.scenes import normalise_band_name
 from geoseg.tile import TileJob, read_item
 
@@ -61,10 +61,10 @@ def mask_item(run_dir: str, run_id: str, grid: Grid, item: Item, card: ModelCard
     assert item.mask is not None
     mask = item.mask.scene
     transform, shape = Affine(*mask.transform), (mask.height, mask.width)
-    job = TileJob(run_dir, run_id, f"mask-{item.id}", grid, (replace(item, mask=None),), "first", None,
-                  card.input_dtype, len(card.bands), card.zero_is_nodata)
-    observed = read_item(job, 0, transform, shape)
     names = tuple(normalise_band_name(b) for b in card.bands)
+    job = TileJob(run_dir, run_id, f"mask-{item.id}", grid, (replace(item, sources=_cloud_sources(item, names),
+                  mask=None),), "first", None, card.input_dtype, len(card.bands), card.zero_is_nodata)
+    observed = read_item(job, 0, transform, shape)
     codes = cloud_mask(observed.data, names, scale=card.scale, offset=-(card.reflectance_offset or 0.0),
                        res_m=grid.res)
     codes[~observed.seen] = NODATA
@@ -76,3 +76,12 @@ def mask_item(run_dir: str, run_id: str, grid: Grid, item: Item, card: ModelCard
             dst.write(codes.astype(np.uint8), 1)
             dst.update_tags(GEOSEG_ITEM=item.id, CODES="0 no data, 1 clear, 2 cloud, 3 shadow")
         storage.put_file(local, mask.url)
+
+
+def _cloud_sources(item: Item, band_names: tuple[str, ...]) -> tuple[Source, ...]:
+    """The item's files cut to the bands the cloud model takes (six of Sentinel-2's ten): a whole item is read
+    at once, so every band left out saves a full-scene read; the other slots stay zero and unread."""
+    wanted = set(model_bands(band_names).values())
+    cut = (replace(s, bands=tuple(b for b, slot in zip(s.bands, s.slots, strict=True) if slot in wanted),
+                   slots=tuple(slot for slot in s.slots if slot in wanted)) for s in item.sources)
+    return tuple(s for s in cut if s.slots)

@@ -14,12 +14,16 @@ import rasterio
 from _http import serve
 from _stac import item_id, load_truth, make_catalogue, scene_path
 from scipy import ndimage
+from shapely.geometry import box
 
 from geoseg.cli import main
 from geoseg.composite import ALL_CLOUDY
 from geoseg.config import RunConfig
 from geoseg.errors import CatalogueError
+from geoseg.masks import mask_item
+from geoseg.model.checkpoint import load_card
 from geoseg.planner import make_plan
+from geoseg.tile import open_reader
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -216,3 +220,21 @@ def test_items_without_scl_are_masked_by_the_cloud_model(tmp_path: Path, data_di
     clear = read(clear_map / "classes.tif")
     under = cloud & (clear > 0)
     assert (classes[under] == clear[under]).mean() >= 0.9
+
+
+def test_the_cloud_stage_reads_only_the_bands_the_cloud_model_takes(tmp_path: Path, data_dir: Path) -> None:
+    """An item's cloud mask comes from the six bands csmask takes (B02, B03, B04, B08, B11, B12), not all ten: the
+    same mask with a red-edge band's file broken as with every file whole."""
+    root = tmp_path / "stac"
+    url = make_catalogue(root, data_dir, str(root), dates=(CLEAR,), scl=False)
+    plan = make_plan(RunConfig(scenes=(), stac=url, region_wkt=box(*map(float, BBOX.split(","))).wkt,
+                               out=str(tmp_path / "run")))
+    item, card = plan.items[0], load_card(plan.model)
+    assert item.mask is not None and item.mask_kind == "geoseg"
+    mask_item(str(tmp_path / "run"), plan.run_id, plan.grid, item, card)
+    whole = read(Path(item.mask.scene.url))
+    (root / "sentinel-2-l2a" / item_id(CLEAR) / "B05.tif").write_bytes(b"not a GeoTIFF")
+    Path(item.mask.scene.url).unlink()
+    open_reader.cache_clear()  # this process still holds the whole file open from the first mask
+    mask_item(str(tmp_path / "run"), plan.run_id, plan.grid, item, card)
+    assert np.array_equal(read(Path(item.mask.scene.url)), whole) and (whole > 0).sum() > 100_000
