@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 import psutil
 
@@ -109,7 +109,36 @@ def reader_cpu_s(rounds: list[tuple[float, Reading]], until: float) -> float:
     return sum(last[k] - first[k] for k in last)
 
 
-class PeakSampler:
+class Background:
+    """Runs :meth:`_run` in a daemon thread while the context is open; on exit ``stop`` is set and the thread
+    joined, and an error the thread met is raised there (not lost with the thread)."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._guarded, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"the thread of {type(self).__name__} failed") from self.error
+
+
+class PeakSampler(Background):
     """Peak memory and CPU readings of one process and of its Ray worker descendants by role, in a thread.
 
     A worker keeps its role while it idles between tasks (title ``ray::IDLE``). Peaks are the kernel-kept
@@ -126,19 +155,10 @@ class PeakSampler:
         self.role_of: dict[int, str] = {}
         self.worker: dict[str, float] = {}
         self.rounds: list[tuple[float, Reading]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        super().__init__()
 
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
+    def _run(self) -> None:
+        while not self.stop.is_set():
             try:
                 self.driver = max(self.driver, status_mib(self.root.pid, "VmHWM") * MIB)
                 self.driver_private = max(self.driver_private, status_mib(self.root.pid, "RssAnon"))
@@ -163,7 +183,7 @@ class PeakSampler:
                 self.role_of[p.pid] = role
                 self.worker[role] = max(self.worker.get(role, 0), peak)
             self.rounds.append((time.monotonic(), reading))
-            self._stop.wait(self.interval_s)
+            self.stop.wait(self.interval_s)
 
     def peaks_mib(self) -> dict[str, Any]:
         """Root peak (resident, and private: its anonymous pages) and each worker role's peak (the largest

@@ -65,15 +65,20 @@ def mirrored(tiles: list[np.ndarray], height: int, width: int, r0: int = 0, r1: 
     return band[r0 - (r0 // t) * t: r1 - (r0 // t) * t]
 
 
+def empty_predictions(run_dir: str, grid: Grid, card: ModelCard) -> zarr.Group:
+    """A run's stores over every tile of ``grid``, as the planner makes them; its predictions group, to fill."""
+    tiles = np.array([(r, c) for r in range(grid.tile_rows) for c in range(grid.tile_cols)], dtype=np.int32)
+    store.create(run_dir, grid, tiles, card.bands, card.input_dtype)
+    return zarr.open_group(os.path.join(run_dir, store.PREDICTIONS), mode="r+")
+
+
 def write_predictions(run_dir: str, card: ModelCard, predictions: list[tuple[np.ndarray, np.ndarray]],
                       height: int, width: int, crs: str = "EPSG:32633") -> Grid:
     """A run's predictions.zarr of ``height`` x ``width`` px from real predictions, with a no-data corner
     (the triangle above the anti-diagonal's first fifth), as a run over a region leaves outside it."""
     grid = Grid(crs=crs, res=10.0, left=500000.0, top=5700000.0, width=width, height=height,
                 tile_size=card.tile_size, halo=card.halo)
-    tiles = np.array([(r, c) for r in range(grid.tile_rows) for c in range(grid.tile_cols)], dtype=np.int32)
-    store.create(run_dir, grid, tiles, card.bands, card.input_dtype)
-    g = zarr.open_group(os.path.join(run_dir, store.PREDICTIONS), mode="r+")
+    g = empty_predictions(run_dir, grid, card)
     cut = (height + width) // 5
     for r0 in range(0, height, grid.tile_size):
         r1 = min(r0 + grid.tile_size, height)

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
+import sys
 import time
 from collections.abc import Callable, Collection, Iterable
-from typing import Self
+from pathlib import Path
 
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from _procs import Background  # noqa: E402  (the base of the killers here and in the tests)
 
 
 def cmdline(p: psutil.Process) -> str:
@@ -44,35 +48,6 @@ def kill_matching(marker: str, among: Iterable[psutil.Process] | None = None, ex
     except ProcessLookupError:
         return None
     return pid
-
-
-class Background:
-    """Runs :meth:`_run` in a daemon thread while the context is open; on exit ``stop`` is set and the thread
-    joined, and an error the thread met is raised there (not lost with the thread)."""
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._guarded, daemon=True)
-
-    def _run(self) -> None:
-        raise NotImplementedError
-
-    def _guarded(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:
-            self.error = exc
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        if self.error is not None:
-            raise RuntimeError(f"the thread of {type(self).__name__} failed") from self.error
 
 
 class Killer(Background):

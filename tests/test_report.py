@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
@@ -19,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import zarr
 from _weed import Weed
 from PIL import Image
 
 from geoseg import report as rep
-from geoseg import runtime, storage, store
+from geoseg import runtime, storage
 from geoseg.cli import EXIT_TILES_FAILED, main
 from geoseg.config import ExecutionSettings, RunConfig
 from geoseg.errors import ExecutionError
@@ -35,6 +35,10 @@ from geoseg.mosaic import mosaic
 from geoseg.plan import load_plan, save_plan
 from geoseg.planner import make_plan
 from geoseg.results import TileOutcome
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from mosaic import empty_predictions  # noqa: E402
 
 SCENE = "strzegom_20230530_33u.tif"  # the demo's scene (make demo)
 TILES = ["--tile-size", "128"]  # 401 px: 16 tiles
@@ -292,12 +296,10 @@ def test_grid_of_cogs_is_read_cell_by_cell_from_their_overviews(tmp_path: Path, 
     run_dir = tmp_path / "run"
     grid = Grid(crs="EPSG:32633", res=10.0, left=600000.0, top=5600000.0, width=2100, height=2300, tile_size=512,
                 halo=16)
-    tiles = np.array([(r, c) for r in range(grid.tile_rows) for c in range(grid.tile_cols)], dtype=np.int32)
-    store.create(str(run_dir), grid, tiles, card.bands, card.input_dtype)
+    pred = empty_predictions(str(run_dir), grid, card)
     rng = np.random.default_rng(9)
     patches = rng.integers(0, 11, (grid.height // 23 + 1, grid.width // 31 + 1), dtype=np.uint8)
     classes = np.repeat(np.repeat(patches, 23, 0), 31, 1)[:grid.height, :grid.width]
-    pred = zarr.open_group(str(run_dir / store.PREDICTIONS), mode="r+")
     pred["classes"][:] = classes
     pred["confidence"][:] = np.where(classes > 0, rng.integers(1, 256, classes.shape), 0).astype(np.uint8)
     mosaic(str(run_dir), grid, card, {})
