@@ -143,7 +143,7 @@ def test_a_real_finetune_from_the_shipped_model_learns_names_its_parent_and_runs
     assert len(losses) == 3 and float(losses["3"]) < float(losses["1"]), losses
 
     new = load_card(child)
-    assert new.parent == "sentinel2-lulc v2" and new.classes[:10] == card.classes
+    assert new.parent == f"sentinel2-lulc v{card.version}" and new.classes[:10] == card.classes
     assert (new.classes[10].id, new.classes[10].name) == (11, "open-pit mine")
     assert str(gpkg) in new.training_data[-1] and "test labels" in new.training_data[-1]
     assert new.mean == card.mean and new.bands == card.bands  # the parent's input contract is kept
@@ -154,7 +154,7 @@ def test_a_real_finetune_from_the_shipped_model_learns_names_its_parent_and_runs
                  "--bands", BANDS, "--out", str(run)]) == 0
     with rasterio.open(run / "classes.tif") as src:
         assert set(np.unique(src.read(1))) <= set(range(12))
-    assert "<th>fine-tuned from</th><td>sentinel2-lulc v2</td>" in (run / "report.html").read_text()
+    assert f"<th>fine-tuned from</th><td>sentinel2-lulc v{card.version}</td>" in (run / "report.html").read_text()
     ids_gpkg = polygonise(data_dir / LABELS, tmp_path / "reference.gpkg")
     by_vector = api.evaluate(str(run), str(ids_gpkg))
     by_raster = api.evaluate(str(run), str(data_dir / LABELS))

@@ -52,7 +52,7 @@ class ModelCard:
     Sentinel-2 L2A from processing baseline 04.00 on, 0 before), so every scene is converted to it; None: the
     input is not reflectance (8-bit imagery) and is read as it is."""
     parent: str | None = None
-    """Fine-tuned models: the model whose weights this one started from ("sentinel2-lulc v2"); None: trained from
+    """Fine-tuned models: the model whose weights this one started from ("sentinel2-lulc v3"); None: trained from
     a random or encoder-only start."""
 
     def __post_init__(self) -> None:
