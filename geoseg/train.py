@@ -42,7 +42,8 @@ from geoseg.model.checkpoint import build_model, read_checkpoint, resolve, save_
 from geoseg.model.pretrained import load_encoder
 from geoseg.progress import Follow, publish
 
-_RESUMABLE = ("epochs", "resume", "use_gpu", "cpus_per_worker")  # settings a resumed run may change
+# settings a resumed run may change: how it runs, and what only the card says (the network learns the same)
+_RESUMABLE = ("epochs", "resume", "use_gpu", "cpus_per_worker", "training_data", "reflectance_offset")
 NODATA = "invalid pixels are zero-filled after normalisation; the job writes class 0 (nodata) there"
 
 
@@ -96,6 +97,9 @@ class TrainConfig:
     distill: float = 0.0  # fine-tunes: weight of keeping the starting network's softmax on unlabelled pixels
     freeze_norm: bool = False  # keep batch-norm statistics as they start: a few labels' chips are no sample of a scene
     training_data: tuple[str, ...] = ()  # names, sources and licence status of the data, for the card
+    reflectance_offset: float | None = None
+    """The raw-value offset of the training scenes (Sentinel-2 baseline 04.00: 1000), for the card: a run converts
+    scenes of another convention to it (``planner.reflectance_shift``)."""
 
     def __post_init__(self) -> None:
         if min(self.epochs, self.steps_per_epoch, self.batch_size, self.num_workers, self.cpus_per_worker) < 1:
@@ -196,6 +200,7 @@ def prepare_data(config: TrainConfig) -> TrainingData:
         gsd_m=(config.gsd_m or float(doc.get("gsd_m", 1.0))) * config.downsample, tile_size=config.tile_size,
         halo=config.halo, classes=_classes_from_json(doc), nodata=NODATA,
         training_data=config.training_data or (str(root / config.classes_json),),
+        reflectance_offset=config.reflectance_offset,
     )
     return TrainingData(card, train, val, report)
 

@@ -53,12 +53,19 @@ def geoseg_run(cluster: LocalCluster, data_dir: Path, out: Path, *flags: str) ->
 
 
 def assert_same_map(run: Path, reference: Path) -> None:
-    """Same class and confidence pixels, grid and tags (the run id tag aside: each plan draws its own,
-    so the files' bytes cannot be equal)."""
+    """Same class pixels, grid and tags (the run id tag aside: each plan draws its own, so the files' bytes cannot
+    be equal), and the same confidence but for a last step of rounding at a few pixels: an actor on a 1-CPU
+    worker node runs torch on one thread, the single node's on two, and the kernels sum in a thread-dependent
+    order (sentinel2-lulc v3 puts one pixel's probability on a 1/255 rounding edge)."""
     for name in ("classes.tif", "confidence.tif"):
         with rasterio.open(run / name) as a, rasterio.open(reference / name) as b:
             assert (a.crs, a.transform, a.shape) == (b.crs, b.transform, b.shape)
-            assert np.array_equal(a.read(1), b.read(1)), f"{name} differs from the single-node run's"
+            ours, theirs = a.read(1).astype(np.int16), b.read(1).astype(np.int16)
+            if name == "classes.tif":
+                assert np.array_equal(ours, theirs), f"{name} differs from the single-node run's"
+            else:
+                off = np.abs(ours - theirs)
+                assert off.max() <= 1 and (off > 0).sum() <= 10, f"{name}: {(off > 0).sum()} px off, up to {off.max()}"
             assert {**a.tags(), "GEOSEG_RUN_ID": ""} == {**b.tags(), "GEOSEG_RUN_ID": ""}
 
 
