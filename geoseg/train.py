@@ -493,11 +493,11 @@ def train(config: TrainConfig, data: TrainingData | None = None, init: dict[str,
     for pt, kept in done:
         model = build_model(card)
         model.load_state_dict(read_checkpoint(pt)["state_dict"])
-        ranked.append((summarise(validate(model, card, val_items), 0, names)["miou"], -kept["epoch"], model, kept))
-    val_miou, _, model, metrics = max(ranked, key=lambda r: (r[0], r[1]))
-    metrics = metrics | {"val_miou": val_miou}
+        ranked.append((summarise(validate(model, card, val_items), 0, names), kept, model))
+    chosen, metrics, model = max(ranked, key=lambda r: (r[0]["miou"], -r[1]["epoch"]))
+    metrics = metrics | {"val_miou": chosen["miou"]}
     print(f"[{config.name}] best epoch {metrics['epoch'] + 1}, chosen on validation:", flush=True)
-    print(format_table(summarise(validate(model, card, val_items), 0, names)), flush=True)
+    print(format_table(chosen), flush=True)
     if data.report:
         scored = summarise(validate(model, card, data.report), 0, names)
         metrics |= {"report_miou": scored["miou"], "report_oa": scored["overall_accuracy"]}
