@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, metavar="CONFIG.toml")
     p.add_argument("--gpus", type=int, default=0, metavar="N",
                    help="train on N GPU workers (bf16) instead of the config's workers")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (TOML value), e.g. --set loss=cross-entropy+dice --set width=48")
     p = sub.add_parser("evaluate", help="compare a run's class raster (classes.tif or .vrt) with reference labels")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--reference", required=True, metavar="LABELS",
@@ -299,7 +301,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from geoseg.train import train_from_config
 
-        print(train_from_config(args.config, args.gpus))
+        print(train_from_config(args.config, args.gpus, args.overrides))
         return EXIT_OK
     if args.command == "evaluate":
         from geoseg.accuracy import format_table

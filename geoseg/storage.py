@@ -17,15 +17,17 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlparse
 
 import fsspec
 import numpy as np
 import numpy.typing as npt
-import rasterio
 
 from geoseg.errors import DiskSpaceError
+
+if TYPE_CHECKING:  # GDAL loads where a stage reads rasters, not wherever a cluster is joined (training)
+    import rasterio
 
 # what may travel to workers in runtime_env: the store's non-secret AWS settings by name, GDAL's options by prefix
 # less any whose name marks a secret (GDAL_HTTP_USERPWD, GDAL_HTTP_HEADERS with a bearer token ...)
@@ -310,6 +312,8 @@ def gdal_options() -> dict[str, str]:
 
 def gdal_env() -> rasterio.Env:
     """The one GDAL environment every raster read and write runs in: the store's endpoint for ``s3://``."""
+    import rasterio
+
     return rasterio.Env(**gdal_options())
 
 

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 import tomllib
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -44,6 +45,7 @@ from geoseg.progress import Follow, publish
 
 # settings a resumed run may change: how it runs, and what only the card says (the network learns the same)
 _RESUMABLE = ("epochs", "resume", "use_gpu", "cpus_per_worker", "training_data", "reflectance_offset")
+LOSSES = ("cross-entropy", "cross-entropy+dice")
 NODATA = "invalid pixels are zero-filled after normalisation; the job writes class 0 (nodata) there"
 
 
@@ -78,6 +80,7 @@ class TrainConfig:
     steps_per_epoch: int = 50  # per worker; an epoch is steps_per_epoch * batch_size * num_workers chips
     lr: float = 2e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
     weight_decay: float = 1e-4
+    loss: str = "cross-entropy"  # or "cross-entropy+dice": adds a soft Dice term that weighs every class alike
     balance: float = 0.5  # 0: natural class frequencies; 1: every class drawn equally often
     zoom: float = 1.0  # chips cut at up to zoom times (or 1/zoom) the chip size and resampled: scale augmentation
     brightness: float = 0.0  # gain augmentation range (+-), for RGB illumination changes
@@ -104,6 +107,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if min(self.epochs, self.steps_per_epoch, self.batch_size, self.num_workers, self.cpus_per_worker) < 1:
             raise ConfigError("epochs, steps_per_epoch, batch_size, num_workers and cpus_per_worker must be >= 1")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.chip % 32:
             raise ConfigError(f"chip must be a multiple of 32 (the encoder's stride), got {self.chip}")
 
@@ -118,13 +123,24 @@ class TrainConfig:
         return Path(self.out or f"runs/{self.name}").resolve()
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read a flat TOML file into a TrainConfig; unknown keys are refused with the list of valid ones."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a flat TOML file into a TrainConfig; unknown keys are refused with the list of valid ones.
+
+    `overrides` are "key=value" lines in TOML (a bare word is taken as a string), applied after the file, so a
+    variant of a recipe (another loss, width or name) needs no copy of its file."""
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read training config {path}: {exc}") from exc
+    for line in overrides:
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE, got {line!r}")
+        try:
+            raw[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            raw[key.strip()] = value.strip()
     valid = {f.name: f for f in fields(TrainConfig)}
     unknown = sorted(set(raw) - set(valid))
     if unknown:
@@ -214,9 +230,23 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def masked_loss(logits: torch.Tensor, labels: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over labelled pixels only: `lookup` maps class id -> logits channel, and 0 (ignore) -> -1."""
-    return F.cross_entropy(logits, lookup[labels.long()], ignore_index=-1)
+def masked_loss(logits: torch.Tensor, labels: torch.Tensor, lookup: torch.Tensor, kind: str = "cross-entropy"
+                ) -> torch.Tensor:
+    """Cross-entropy over labelled pixels only: `lookup` maps class id -> logits channel, and 0 (ignore) -> -1.
+
+    "cross-entropy+dice" adds 1 - soft Dice, averaged over the classes the batch labels: cross-entropy counts
+    pixels, so a rare class's errors weigh little in it; Dice, like the IoU it is scored by, weighs each class
+    alike."""
+    target = lookup[labels.long()]
+    ce = F.cross_entropy(logits, target, ignore_index=-1)
+    if kind == "cross-entropy":
+        return ce
+    labelled = target >= 0
+    p = logits.float().softmax(1).permute(0, 2, 3, 1)[labelled]  # (N, C) over labelled pixels
+    one_hot = F.one_hot(target[labelled], logits.shape[1]).float()
+    present = one_hot.sum(0) > 0
+    dice = 2 * (p * one_hot).sum(0) / (p.sum(0) + one_hot.sum(0)).clamp_min(1e-6)
+    return ce + (1 - dice[present].mean()) if bool(present.any()) else ce
 
 
 def kept_loss(logits: torch.Tensor, start: torch.Tensor, unlabelled: torch.Tensor) -> torch.Tensor:
@@ -349,7 +379,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             y = torch.from_numpy(labels).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = wrapped(x)
-                loss = masked_loss(logits, y, lookup)
+                loss = masked_loss(logits, y, lookup, config.loss)
                 if teacher is not None:
                     start = teacher(x)
                     keep = (y == 0) & ~taught[start.argmax(1)]  # pixels the start gives to a class nobody labelled
@@ -508,13 +538,14 @@ def train(config: TrainConfig, data: TrainingData | None = None, init: dict[str,
     return final
 
 
-def train_from_config(path: str | Path, gpus: int = 0) -> Path:
-    """`geoseg train --config FILE [--gpus N]`: train the model the file describes; returns the written checkpoint.
+def train_from_config(path: str | Path, gpus: int = 0, overrides: Sequence[str] = ()) -> Path:
+    """`geoseg train --config FILE [--gpus N] [--set KEY=VALUE ...]`: train the model the file describes; returns
+    the written checkpoint.
 
     `gpus` > 0 trains on that many GPU workers instead of the file's workers, so one file serves a laptop and a GPU
     cluster.
     """
-    config = load_config(path)
+    config = load_config(path, overrides)
     if gpus:
         config = replace(config, use_gpu=True, num_workers=gpus)
     return train(config)

@@ -56,6 +56,34 @@ def test_a_holdout_block_is_neither_trained_nor_chosen_on_and_is_what_is_reporte
     assert np.array_equal(data.validate[0].image, scene[:, :, :301])
 
 
+def test_set_overrides_a_recipe_key_by_key(tmp_path: Path) -> None:
+    config = load_config(CONFIGS / "aerial-rgb.toml",
+                         ["loss=cross-entropy+dice", "width = 48", 'name="aerial-wide"', "balance=1", "out=runs/x"])
+    assert (config.loss, config.width, config.name, config.balance, config.out) == (
+        "cross-entropy+dice", 48, "aerial-wide", 1, "runs/x")
+    assert config.train == load_config(CONFIGS / "aerial-rgb.toml").train
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(CONFIGS / "aerial-rgb.toml", ["width"])
+    with pytest.raises(ConfigError, match="loss must be one of cross-entropy, cross-entropy\\+dice"):
+        load_config(CONFIGS / "aerial-rgb.toml", ["loss=focal"])
+
+
+def test_dice_adds_one_minus_the_mean_soft_dice_of_the_labelled_classes() -> None:
+    card = replace(load_card("sentinel2-lulc"),
+                   classes=(ClassInfo(1, "a", "#ff0000"), ClassInfo(3, "b", "#00ff00"), ClassInfo(5, "c", "#0000ff")))
+    lookup = class_lookup(card)
+    labels = torch.tensor([[[1, 1, 1, 3], [0, 0, 0, 0]]])  # class 5 is not in the batch
+    logits = torch.randn(1, 3, 2, 4)
+    p = logits.softmax(1)[0, :, 0]  # (3 classes, 4 labelled pixels)
+    truth = torch.tensor([[1.0, 1, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
+    dice = 2 * (p * truth).sum(1) / (p.sum(1) + truth.sum(1))
+    expected = masked_loss(logits, labels, lookup) + 1 - dice[:2].mean()
+    assert torch.allclose(masked_loss(logits, labels, lookup, "cross-entropy+dice"), expected)
+    other = logits.clone()
+    other[..., 1, :] = 100 * torch.randn(3, 4)  # unlabelled pixels change neither term
+    assert torch.allclose(masked_loss(other, labels, lookup, "cross-entropy+dice"), expected)
+
+
 def test_ignored_pixels_do_not_affect_the_loss() -> None:
     card = replace(load_card("sentinel2-lulc"), classes=(ClassInfo(1, "a", "#ff0000"), ClassInfo(3, "b", "#00ff00")))
     lookup = class_lookup(card)
