@@ -56,7 +56,7 @@ def test_a_holdout_block_is_neither_trained_nor_chosen_on_and_is_what_is_reporte
     assert np.array_equal(data.validate[0].image, scene[:, :, :301])
 
 
-def test_set_overrides_a_recipe_key_by_key(tmp_path: Path) -> None:
+def test_set_overrides_a_recipe_key_by_key() -> None:
     config = load_config(CONFIGS / "aerial-rgb.toml",
                          ["loss=cross-entropy+dice", "width = 48", 'name="aerial-wide"', "balance=1", "out=runs/x"])
     assert (config.loss, config.width, config.name, config.balance, config.out) == (
