@@ -5,10 +5,10 @@
         --try dice loss=cross-entropy+dice --try width width=48
 
 Each try is a real `geoseg train --config FILE --set ...` run (its own process and Ray session, output in
-runs/tries/<name>, resumed when rerun), so the epoch is picked on the recipe's validation items as always. Its model
-is then scored once on the report items. Prints a table, then one JSON object as the last line. A short schedule
-ranks changes; it does not give the figures of a full one, and one seed per try puts differences of a few hundredths
-within the noise.
+runs/tries/<name>, resumed when rerun), so the epoch is picked on the recipe's validation items as always, and its
+figures on the report items, per class, are the ones training stored in the checkpoint. Prints a table, then one
+JSON object as the last line. A short schedule ranks changes; it does not give the figures of a full one, and one
+seed per try puts differences of a few hundredths within the noise.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from geoseg.accuracy import summarise
-from geoseg.model.checkpoint import build_model, read_checkpoint
-from geoseg.train import load_config, prepare_data, validate
+from geoseg.model.checkpoint import card_of, read_checkpoint
+from geoseg.train import load_config
 
 
 @dataclass
@@ -40,19 +39,14 @@ class Try:
     iou: dict[str, float]
 
 
-def _score(name: str, changes: list[str], minutes: float, config_path: str, overrides: list[str], out: Path) -> Try:
-    """The try's chosen epoch and its figures on the report items, per class."""
-    config = load_config(config_path, overrides)
-    data = prepare_data(config)
-    raw = read_checkpoint(out / f"{config.name}.pt")
-    model = build_model(data.card)
-    model.load_state_dict(raw["state_dict"])
-    names = {c.id: c.name for c in data.card.classes}
-    scored = summarise(validate(model, data.card, data.report), 0, names)
+def _score(name: str, changes: list[str], minutes: float, checkpoint: Path) -> Try:
+    """The try's chosen epoch and its figures on the report items, per class, as training stored them."""
+    raw = read_checkpoint(checkpoint)
     metrics = json.loads(raw["extra"]["metrics"])
-    return Try(name, changes, minutes, metrics["epoch"] + 1, metrics["val_miou"], scored["miou"],
-               scored["overall_accuracy"],
-               {scored["names"][k]: v for k, v in scored["iou"].items() if v is not None and k != "0"})
+    iou = {c.name: metrics[f"report_iou_{c.id}"] for c in card_of(raw, checkpoint).classes
+           if f"report_iou_{c.id}" in metrics}
+    return Try(name, changes, minutes, metrics["epoch"] + 1, metrics["val_miou"], metrics["report_miou"],
+               metrics["report_oa"], iou)
 
 
 def main() -> None:
@@ -74,7 +68,8 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "train.log", "a") as log:
             subprocess.run(cmd, check=True, stdout=log)
-        row = _score(name, changes, (time.perf_counter() - t0) / 60, args.config, overrides, out)
+        checkpoint = out / f"{load_config(args.config, overrides).name}.pt"
+        row = _score(name, changes, (time.perf_counter() - t0) / 60, checkpoint)
         print(f"[tries] {json.dumps(asdict(row))}", flush=True)
         rows.append(row)
     classes = list(rows[0].iou)

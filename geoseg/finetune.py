@@ -34,7 +34,7 @@ from geoseg.model.checkpoint import card_of, read_checkpoint
 from geoseg.planner import check_scene, reflectance_shift
 from geoseg.scenes import SceneReader, open_scene
 from geoseg.tile import shift_reflectance
-from geoseg.train import TrainConfig, TrainingData, train
+from geoseg.train import LOSSES, TrainConfig, TrainingData, train
 
 Legend = Mapping[str, str | int | None]  # the user's class (name or id) -> the parent's class (name or id), or None
 _NEW_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c")
@@ -59,6 +59,7 @@ class FinetuneSettings:
     patience: int = 5
     held_apart: float = 0.2  # the fraction of labelled pixels, a spatial slice of them, that picks the epoch
     balance: float = 0.5
+    loss: str = "cross-entropy"  # or "cross-entropy+dice" (geoseg.train.LOSSES)
     distill: float = 1.0  # weight of keeping the parent's answers where it sees a class the labels lack
     freeze_norm: bool = True  # keep the parent's batch-norm statistics
     seed: int = 0
@@ -67,6 +68,8 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if not 0 < self.held_apart < 1:
             raise ConfigError(f"held_apart must be within (0, 1), got {self.held_apart}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
 
 def load_legend(path: str | Path) -> dict[str, str | int | None]:
@@ -229,8 +232,8 @@ def fit(card: ModelCard, init: dict[str, torch.Tensor] | None, items: list[Label
         config = TrainConfig(
             name=out.stem, version=card.version, encoder=card.encoder, width=card.width, chip=settings.chip,
             batch_size=settings.batch_size, epochs=settings.epochs, steps_per_epoch=settings.steps_per_epoch,
-            lr=settings.lr, balance=settings.balance, patience=settings.patience, seed=settings.seed,
-            distill=settings.distill, freeze_norm=settings.freeze_norm,
+            lr=settings.lr, balance=settings.balance, loss=settings.loss, patience=settings.patience,
+            seed=settings.seed, distill=settings.distill, freeze_norm=settings.freeze_norm,
             tile_size=card.tile_size, halo=card.halo, out=work, resume=False,
             cpus_per_worker=settings.cpus_per_worker or os.cpu_count() or 1, training_data=card.training_data,
             brightness=aug.get("brightness", 0.0), band_jitter=aug.get("band_jitter", 0.0),

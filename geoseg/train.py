@@ -530,7 +530,8 @@ def train(config: TrainConfig, data: TrainingData | None = None, init: dict[str,
     print(format_table(chosen), flush=True)
     if data.report:
         scored = summarise(validate(model, card, data.report), 0, names)
-        metrics |= {"report_miou": scored["miou"], "report_oa": scored["overall_accuracy"]}
+        metrics |= {"report_miou": scored["miou"], "report_oa": scored["overall_accuracy"],
+                    **{f"report_iou_{k}": scored["iou"][str(k)] for k in scored["present"]}}  # those the mean counts
         print(f"[{config.name}] the same epoch on the report set, which chose nothing:", flush=True)
         print(format_table(scored), flush=True)
     final = out / f"{config.name}.pt"

@@ -123,6 +123,8 @@ def test_bad_label_input_is_refused_with_what_to_change(tmp_path: Path, data_dir
     few = polygonise(data_dir / LABELS, tmp_path / "few.gpkg", rows=slice(r, r + 3), cols=slice(c, c + 5))
     with pytest.raises(LabelError, match="at least 50"):
         read_examples([scene], [str(few)], card, "class", None, 64)
+    with pytest.raises(ConfigError, match="loss must be one of cross-entropy, cross-entropy"):
+        FinetuneSettings(loss="dice")
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -125,6 +125,8 @@ def test_short_real_training_run_learns_resumes_loads_and_fine_tunes(data_dir: P
     assert 0 < metrics[1]["val_miou"] <= 1
     chosen = json.loads(read_checkpoint(path)["extra"]["metrics"])  # the report set scored once, by the chosen epoch
     assert chosen["epoch"] in (0, 1) and 0 < chosen["report_miou"] <= 1 and "report_miou" not in metrics[1]
+    per_class = [v for k, v in chosen.items() if k.startswith("report_iou_")]  # what bench/tries.py tabulates
+    assert len(per_class) > 1 and np.mean(per_class) == pytest.approx(chosen["report_miou"])
 
     card, model = load_model(path)
     assert card.bands[2] == "B04" and len(card.classes) == 10 and card.width == 8 and card.reflectance_offset == 1000
