@@ -34,7 +34,7 @@ from geoseg.model.checkpoint import card_of, read_checkpoint
 from geoseg.planner import check_scene, reflectance_shift
 from geoseg.scenes import SceneReader, open_scene
 from geoseg.tile import shift_reflectance
-from geoseg.train import LOSSES, TrainConfig, TrainingData, train
+from geoseg.train import TrainConfig, TrainingData, check_loss, train
 
 Legend = Mapping[str, str | int | None]  # the user's class (name or id) -> the parent's class (name or id), or None
 _NEW_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c")
@@ -68,8 +68,7 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if not 0 < self.held_apart < 1:
             raise ConfigError(f"held_apart must be within (0, 1), got {self.held_apart}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        check_loss(self.loss)
 
 
 def load_legend(path: str | Path) -> dict[str, str | int | None]:

@@ -49,6 +49,12 @@ LOSSES = ("cross-entropy", "cross-entropy+dice")
 NODATA = "invalid pixels are zero-filled after normalisation; the job writes class 0 (nodata) there"
 
 
+def check_loss(kind: str) -> None:
+    """Refuse an unknown loss where the settings are made, before any data is read."""
+    if kind not in LOSSES:
+        raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; every field has a default but the data patterns and items.
@@ -107,8 +113,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if min(self.epochs, self.steps_per_epoch, self.batch_size, self.num_workers, self.cpus_per_worker) < 1:
             raise ConfigError("epochs, steps_per_epoch, batch_size, num_workers and cpus_per_worker must be >= 1")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        check_loss(self.loss)
         if self.chip % 32:
             raise ConfigError(f"chip must be a multiple of 32 (the encoder's stride), got {self.chip}")
 
