@@ -411,7 +411,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             "epoch": epoch, "first_epoch": start_epoch, "step": step, "train_loss": float(np.mean(losses)),
             "train_s": train_s, "stopped": stop,
             "val_miou": val["miou"], "val_oa": val["overall_accuracy"], "best_val_miou": best,
-            **{f"val_iou_{k}": v for k, v in val["iou"].items() if v is not None},
+            **{f"val_iou_{k}": val["iou"][str(k)] for k in val["present"]},  # the classes its mean counts
         }
         if rank == 0:
             line = (f"[{config.name}] epoch {epoch + 1}/{config.epochs} loss {metrics['train_loss']:.4f} "

@@ -123,6 +123,8 @@ def test_short_real_training_run_learns_resumes_loads_and_fine_tunes(data_dir: P
     assert [m["epoch"] for m in metrics] == [0, 1]
     assert metrics[1]["train_loss"] < metrics[0]["train_loss"]
     assert 0 < metrics[1]["val_miou"] <= 1
+    per_epoch = [v for k, v in metrics[1].items() if k.startswith("val_iou_")]  # the classes the mean counts
+    assert len(per_epoch) > 1 and np.mean(per_epoch) == pytest.approx(metrics[1]["val_miou"])
     chosen = json.loads(read_checkpoint(path)["extra"]["metrics"])  # the report set scored once, by the chosen epoch
     assert chosen["epoch"] in (0, 1) and 0 < chosen["report_miou"] <= 1 and "report_miou" not in metrics[1]
     per_class = [v for k, v in chosen.items() if k.startswith("report_iou_")]  # what bench/tries.py tabulates
